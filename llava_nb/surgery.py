@@ -1,0 +1,155 @@
+"""Weight surgery: join a CLIP vision tower and a causal LM into a LlavaForConditionalGeneration.
+
+transformers 5 layout: `model.model.vision_tower` (a CLIPVisionModel, keys without the `vision_model.`
+prefix since 5.0), `model.model.multi_modal_projector`, `model.model.language_model` (the LM's base
+model) and a top-level `model.lm_head`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, CLIPConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from . import config as cfg
+from .sources import Backbones, load_state_dict
+
+log = logging.getLogger(__name__)
+
+VISION_PREFIX = "vision_model."  # openai's full CLIP file: vision_model.*, text_model.*, projections
+
+
+def llava_config(vision_config, text_config, model_cfg: cfg.ModelConfig) -> LlavaConfig:
+    """LlavaConfig for these backbones (the image token id is set later, by processing)."""
+    return LlavaConfig(
+        vision_config=vision_config, text_config=text_config,
+        vision_feature_layer=model_cfg.vision_feature_layer,
+        vision_feature_select_strategy=model_cfg.vision_feature_select_strategy,
+        projector_hidden_act=model_cfg.projector_hidden_act,
+        image_seq_length=num_image_tokens(vision_config, model_cfg.vision_feature_select_strategy),
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+
+
+def num_image_tokens(vision_config, strategy: str = "default") -> int:
+    """Tokens one image becomes: one per patch, plus CLS unless the 'default' strategy drops it."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return patches if strategy == "default" else patches + 1
+
+
+def config_from_backbones(backbones: Backbones, model_cfg: cfg.ModelConfig) -> LlavaConfig:
+    vision = CLIPConfig.from_pretrained(backbones.vision_dir).vision_config
+    text = AutoConfig.from_pretrained(backbones.lm_dir)
+    return llava_config(vision, text, model_cfg)
+
+
+def t4_config() -> LlavaConfig:
+    """The t4 profile's LlavaConfig from the architecture constants (no download needed)."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    text = {k: v for k, v in cfg.T4_TEXT_CONFIG.items() if k != "model_type"}
+    return llava_config(CLIPVisionConfig(**cfg.T4_VISION_CONFIG), LlamaConfig(**text), cfg.PROFILES["t4"].model)
+
+
+def load_vision_weights(model: LlavaForConditionalGeneration, path: str | Path) -> list[str]:
+    """Copy `vision_model.*` from a full CLIP checkpoint into the vision tower; return ignored keys."""
+    state = load_state_dict(path)
+    target = model.model.vision_tower.state_dict()
+    mapping = {k[len(VISION_PREFIX):]: k for k in state if k.startswith(VISION_PREFIX)}
+    missing = sorted(k for k in target if k not in mapping and not k.endswith("position_ids"))
+    if missing:
+        raise KeyError(f"{path} lacks vision weight(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                       f"({len(missing)} missing): it is not a complete CLIP checkpoint; download it again")
+    _copy(model.model.vision_tower, {dst: state[src] for dst, src in mapping.items() if dst in target}, path)
+    return sorted(k for k in state if k not in mapping.values() or k[len(VISION_PREFIX):] not in target)
+
+
+def load_language_weights(model: LlavaForConditionalGeneration, path: str | Path) -> None:
+    """Copy a causal LM's `model.*` into the language model and `lm_head.weight` into the head."""
+    state = load_state_dict(path)
+    tied = model.config.tie_word_embeddings
+    lm_target = model.model.language_model.state_dict()
+    mapping = {f"model.{k}": k for k in lm_target}
+    missing = [src for src in mapping if src not in state]
+    if not tied and "lm_head.weight" not in state:
+        missing.append("lm_head.weight")
+    if missing:
+        raise KeyError(f"{path} lacks language-model weight(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                       f" ({len(missing)} missing): the file is wrong or truncated; download it again")
+    unexpected = sorted(set(state) - set(mapping) - {"lm_head.weight"})
+    if unexpected:
+        raise KeyError(f"{path} has weight(s) this language model does not know: {unexpected[:5]}; "
+                       "does config.json belong to the same model?")
+    _copy(model.model.language_model, {dst: state[src] for src, dst in mapping.items()}, path)
+    if not tied:
+        _copy(model.lm_head, {"weight": state["lm_head.weight"]}, path, prefix="lm_head.")
+    elif "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+        raise ValueError(f"{path}: lm_head.weight differs from the embeddings but the config ties them")
+
+
+@torch.no_grad()
+def _copy(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path, prefix: str = "") -> None:
+    """Copy each tensor into the module's parameter or buffer of the same name, checking shapes."""
+    params = dict(module.named_parameters()) | dict(module.named_buffers())
+    for name, src in tensors.items():
+        dst = params[name]
+        if dst.shape != src.shape:
+            raise ValueError(f"{path}: {prefix}{name} has shape {tuple(src.shape)}, the model expects "
+                             f"{tuple(dst.shape)}: the checkpoint and config.json describe different models")
+        dst.copy_(src)
+
+
+def freeze_backbones(model: LlavaForConditionalGeneration) -> None:
+    """Freeze vision tower, language model and head: only the projector trains (LLaVA stage 1)."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Total and trainable parameter counts (tied weights counted once)."""
+    params = list(model.parameters())  # parameters() yields a shared tensor once
+    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def assemble(backbones: Backbones, model_cfg: cfg.ModelConfig, *, seed: int = 0) -> LlavaForConditionalGeneration:
+    """Build the LLaVA model, load both backbones by explicit key maps, freeze them (fp32, CPU)."""
+    config = config_from_backbones(backbones, model_cfg)
+    torch.manual_seed(seed)  # the projector's initial weights
+    model = LlavaForConditionalGeneration(config)
+    ignored = load_vision_weights(model, backbones.vision_dir / "pytorch_model.bin")
+    log.info("vision checkpoint: %d keys not used by LLaVA (CLIP's text half and projections)", len(ignored))
+    load_language_weights(model, _lm_weights_file(backbones.lm_dir))
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    freeze_backbones(model)
+    return model.eval()
+
+
+def _lm_weights_file(lm_dir: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (lm_dir / name).is_file():
+            return lm_dir / name
+    raise FileNotFoundError(f"{lm_dir} has no model.safetensors: sharded or missing weights; run prepare_backbones()")
+
+
+@torch.no_grad()
+def text_logits_max_diff(llava: LlavaForConditionalGeneration, lm: torch.nn.Module, input_ids: torch.Tensor) -> float:
+    """Max |logit difference| between LLaVA and its source LM on a text-only input (0 after surgery)."""
+    a = llava(input_ids=input_ids).logits.float()
+    b = lm(input_ids=input_ids).logits.float()
+    n = min(a.shape[-1], b.shape[-1])  # LLaVA's vocabulary may be padded with new tokens
+    return (a[..., :n] - b[..., :n]).abs().max().item()
+
+
+def build(profile: cfg.Profile, backbones: Backbones | None = None):
+    """Profile → (model, processor): surgery, special tokens, resized embeddings, frozen backbones."""
+    from .processing import load_processor, resize_embeddings
+    from .sources import prepare_backbones
+
+    backbones = backbones or prepare_backbones(profile)
+    model = assemble(backbones, profile.model, seed=profile.seed)
+    processor = load_processor(backbones.vision_dir, backbones.lm_dir, model.config)
+    resize_embeddings(model, processor.tokenizer)
+    return model, processor
