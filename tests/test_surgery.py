@@ -1,0 +1,139 @@
+"""Weight surgery: explicit key maps with shape checks, errors that name the key, frozen backbones."""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
+
+from llava_nb import config, sources, surgery
+
+PROJECTOR = "model.multi_modal_projector."
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny CLIP and Llama checkpoints in the hub's layout (an untied head, as TinyLlama has)."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    vision = dict(small, num_hidden_layers=2, image_size=64, patch_size=16)
+    clip = CLIPConfig(text_config=dict(small, num_hidden_layers=1), vision_config=vision, projection_dim=16)
+    (root / "clip").mkdir()
+    torch.save(CLIPModel(clip).state_dict(), root / "clip" / "pytorch_model.bin")  # openai's format
+    clip.save_pretrained(root / "clip")
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=128, num_hidden_layers=2, num_key_value_heads=1,
+                                      tie_word_embeddings=False, **small)).eval()
+    lm.save_pretrained(root / "lm")
+    return sources.Backbones(vision_dir=root / "clip", lm_dir=root / "lm"), lm
+
+
+def _empty(backbones):
+    return LlavaForConditionalGeneration(surgery.config_from_backbones(backbones, config.ModelConfig()))
+
+
+def _edited(tmp_path, src, edit, name):
+    """Save an edited copy of the checkpoint `src` as tmp_path/name."""
+    state = sources.load_state_dict(src)
+    edit(state)
+    path = tmp_path / name
+    save_file(state, path) if name.endswith(".safetensors") else torch.save(state, path)
+    return path
+
+
+def test_offline_text_logits_equal_the_source_lm(built, source_lm):
+    model, processor = built
+    for text in ("A red circle above a blue square.", "USER: What colour is the circle? ASSISTANT:"):
+        ids = processor.tokenizer(text, return_tensors="pt").input_ids  # no <pad>: the source LM lacks it
+        assert surgery.text_logits_max_diff(model, source_lm, ids) <= 1e-4
+
+
+def test_only_the_projector_trains_after_freeze(built):
+    model, _ = built
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(PROJECTOR) for n in trainable)
+    counts = surgery.count_parameters(model)
+    parts = surgery.parameters_by_part(model)
+    assert counts["trainable"] == parts["projector"]["total"] == parts["projector"]["trainable"]
+    assert counts["total"] == sum(p["total"] for p in parts.values())
+    assert parts["lm_head"]["total"] == 0  # SmolLM2 ties its head to the embeddings, even after resizing
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_t4_parameter_count_from_config():
+    with torch.device("meta"):  # shapes only: no memory, no download
+        model = LlavaForConditionalGeneration(surgery.t4_config())
+    surgery.freeze_backbones(model)
+    parts = surgery.parameters_by_part(model)
+    assert parts["language_model"]["total"] + parts["lm_head"]["total"] == 1_100_048_384  # TinyLlama-1.1B
+    assert parts["projector"]["total"] == 768 * 2048 + 2048 + 2048 * 2048 + 2048
+    counts = surgery.count_parameters(model)
+    assert 1.18e9 < counts["total"] < 1.20e9 and counts["trainable"] == parts["projector"]["total"]
+    assert surgery.describe_config(model.config)["image tokens per image"] == 49
+
+
+def test_tiny_untied_assembly_equals_its_sources(tiny):
+    backbones, lm = tiny
+    model = surgery.assemble(backbones, config.ModelConfig())
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(model.lm_head.weight, lm.lm_head.weight)
+    clip = sources.load_state_dict(backbones.vision_dir / "pytorch_model.bin")
+    for key, value in model.model.vision_tower.state_dict().items():
+        assert torch.equal(value, clip["vision_model." + key]), key
+    ids = torch.randint(0, 128, (2, 9))
+    assert surgery.text_logits_max_diff(model, lm, ids) <= 1e-5
+
+
+def test_vision_weights_report_the_ignored_text_half(tiny):
+    backbones, _ = tiny
+    ignored = surgery.load_vision_weights(_empty(backbones), backbones.vision_dir / "pytorch_model.bin")
+    assert ignored and not [k for k in ignored if k.startswith("vision_model.") and "position_ids" not in k]
+    assert {"logit_scale", "text_projection.weight", "visual_projection.weight"} <= set(ignored)
+
+
+def test_missing_vision_key_is_a_key_error_naming_it(tiny, tmp_path):
+    backbones, _ = tiny
+    key = "vision_model.encoder.layers.1.mlp.fc2.weight"
+    src = backbones.vision_dir / "pytorch_model.bin"
+    bad = _edited(tmp_path, src, lambda s: s.pop(key), "pytorch_model.bin")
+    with pytest.raises(KeyError, match=re.escape(key)):
+        surgery.load_vision_weights(_empty(backbones), bad)
+
+
+def test_wrong_shape_lm_tensor_is_a_value_error_naming_it(tiny, tmp_path):
+    backbones, _ = tiny
+    key = "model.layers.1.mlp.down_proj.weight"
+
+    def edit(state):
+        state[key] = torch.zeros(32, 48)
+
+    bad = _edited(tmp_path, backbones.lm_dir / "model.safetensors", edit, "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(f"{key} has shape (32, 48), the model expects (32, 64)")):
+        surgery.load_language_weights(_empty(backbones), bad)
+
+
+def test_missing_or_unknown_lm_keys_are_key_errors_naming_them(tiny, tmp_path):
+    backbones, _ = tiny
+    src = backbones.lm_dir / "model.safetensors"
+    bad = _edited(tmp_path, src, lambda s: s.pop("lm_head.weight"), "no_head.safetensors")
+    with pytest.raises(KeyError, match=r"lacks language-model weight\(s\) \['lm_head.weight'\]"):
+        surgery.load_language_weights(_empty(backbones), bad)
+    bad = _edited(tmp_path, src, lambda s: s.update(extra=torch.zeros(1)), "extra.safetensors")
+    with pytest.raises(KeyError, match=r"does not know: \['extra'\]"):
+        surgery.load_language_weights(_empty(backbones), bad)
+
+
+def test_truncated_lm_checkpoint_is_a_clear_error(tiny, tmp_path):
+    backbones, _ = tiny
+    bad = tmp_path / "model.safetensors"
+    data = (backbones.lm_dir / "model.safetensors").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ".*damaged or incomplete.*prepare_backbones"):
+        surgery.load_language_weights(_empty(backbones), bad)
+
+
+def test_assemble_without_weights_file_says_what_to_run(tiny, tmp_path):
+    backbones, _ = tiny
+    with pytest.raises(FileNotFoundError, match="prepare_backbones"):
+        surgery.lm_weights_file(tmp_path)
