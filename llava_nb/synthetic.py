@@ -8,12 +8,9 @@ every answer is one word that the pixels decide.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import datasets
@@ -22,12 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from .fsutil import atomic_dir, is_complete
+
 IMAGE_SIZE = 224
 BACKGROUND = (255, 255, 255)
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (240, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three")
-MIN_SIZE, MAX_SIZE = 56, 80  # px: each object covers 2x2 to 3x3 patches of 32 px
+MIN_SIZE, MAX_SIZE = 64, 96  # px: each object spans 2 to 3 patches of 32 px each way
 MARGIN = 6  # px between objects, and between an object and the midline or the border
 
 # The hub's features (its dataset card): messages[].content[] = {index, text, type}, images = [Image].
@@ -36,7 +35,11 @@ FEATURES = datasets.Features(
         "messages": datasets.List(
             {
                 "content": datasets.List(
-                    {"index": datasets.Value("int64"), "text": datasets.Value("string"), "type": datasets.Value("string")}
+                    {
+                        "index": datasets.Value("int64"),
+                        "text": datasets.Value("string"),
+                        "type": datasets.Value("string"),
+                    }
                 ),
                 "role": datasets.Value("string"),
             }
@@ -47,29 +50,44 @@ FEATURES = datasets.Features(
 
 # Two or three phrasings per question kind; {colour} and {shape} are filled from the scene.
 TEMPLATES = {
-    "colour": ("What colour is the {shape}?", "What is the colour of the {shape}?", "Which colour does the {shape} have?"),
-    "shape": ("What shape is the {colour} object?", "Which shape is {colour}?", "What is the {colour} shape?"),
-    "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes in the image."),
+    "colour": (
+        "What colour is the {shape}?",
+        "What is the colour of the {shape}?",
+        "Which colour does the {shape} have?",
+    ),
+    "shape": (
+        "What shape is the {colour} object?",
+        "Which shape is {colour}?",
+        "What is the {colour} shape?",
+    ),
+    "count": (
+        "How many shapes are there?",
+        "How many objects are in the image?",
+        "Count the shapes in the image.",
+    ),
     "position": (
         "Is the {colour} {shape} on the left or the right?",
         "Is the {colour} {shape} on the left or right side?",
         "Where is the {colour} {shape}, left or right?",
     ),
-    "caption": ("Describe the image briefly.", "Give a short description of the image.", "What is in this picture?"),
+    "caption": (
+        "Describe the image briefly.",
+        "Give a short description of the image.",
+        "What is in this picture?",
+    ),
 }
 QUESTION_KINDS = ("colour", "shape", "count", "position")  # the kinds scored by exact answer
-_KIND_PATTERNS = [
-    (kind, re.compile("^" + re.escape(t).replace(r"\{colour\}", r"\w+").replace(r"\{shape\}", r"\w+") + "$", re.I))
+_KIND_PATTERNS = [  # each template as a regex: its {fields} match any word
+    (kind, re.compile(re.sub(r"\\\{\w+\\\}", r"\\w+", re.escape(t)), re.IGNORECASE))
     for kind, templates in TEMPLATES.items()
     for t in templates
 ]
 
-_FORMAT_VERSION = 1  # bump when drawing or phrasing changes, so old folders are rebuilt
-_MANIFEST = ".manifest.json"  # hidden, so `load_dataset(folder)` does not take it for data
+_FORMAT_VERSION = 2  # bump when drawing or phrasing changes, so old folders are rebuilt
 
 
 def draw_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
-    """Draw 1-3 non-overlapping shapes with distinct (colour, shape) pairs; return the image and the objects."""
+    """Draw 1-3 non-overlapping shapes, distinct (colour, shape) pairs; return the image and the objects."""
     n = int(rng.integers(1, 4))
     while True:  # rejection sampling; a 224 px canvas fits three objects easily, so this rarely loops
         scene = _place_objects(rng, n)
@@ -140,7 +158,7 @@ def question_kind(text: str) -> str:
     """The kind of a user question (colour/shape/count/position/caption) from its text; 'other' if unknown."""
     text = " ".join(text.replace("<image>", " ").split())
     for kind, pattern in _KIND_PATTERNS:
-        if pattern.match(text):
+        if pattern.fullmatch(text):
             return kind
     return "other"
 
@@ -177,53 +195,38 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
 def write_dataset(
     root: str | os.PathLike, *, seed: int = 0, n_train: int = 4000, n_test: int = 300, shard_size: int = 1000
 ) -> Path:
-    """Write train/test parquet shards under `root` (hub file names and features); do nothing if already complete.
+    """Write train/test parquet shards under `root` (hub names and features); nothing if already complete.
 
-    Read them back with `datasets.load_dataset(str(root), split="train", streaming=True)`.
-    Train and test use disjoint child seeds of `seed`; the same arguments give the same bytes.
+    Read them back with `datasets.load_dataset(str(root), split="train", streaming=True)` (the folder
+    convention maps `train-00000-of-00004.parquet` to the train split). Train and test are drawn from
+    disjoint child seeds of `seed`; the same arguments give the same bytes.
     """
     root = Path(root)
-    params = {"version": _FORMAT_VERSION, "seed": seed, "n_train": n_train, "n_test": n_test, "shard_size": shard_size}
-    if _is_complete(root, params):
+    card = _card(seed=seed, n_train=n_train, n_test=n_test, shard_size=shard_size)
+    if is_complete(root) and (root / "README.md").read_text() == card:
         return root
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files = {}
-    for split, n, seq in zip(("train", "test"), (n_train, n_test), np.random.SeedSequence(seed).spawn(2)):
-        rng = np.random.default_rng(seq)
-        n_shards = max(1, -(-n // shard_size))
-        for s in range(n_shards):
-            rows = [_encode(make_sample(rng)) for _ in range(min(shard_size, n - s * shard_size))]
-            name = f"{split}-{s:05d}-of-{n_shards:05d}.parquet"
-            pq.write_table(pa.Table.from_pylist(rows, schema=FEATURES.arrow_schema), tmp / name)
-            files[name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
-    (tmp / _MANIFEST).write_text(json.dumps({**params, "files": files}, indent=1))
-    # Swap in the finished folder in one rename; an older or partial folder is moved aside first.
-    old = root.with_name(f".{root.name}.old-{os.getpid()}")
-    if root.exists():
-        os.replace(root, old)
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_complete(root, params):
-            raise
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(root) as tmp:
+        for split, n, seq in zip(("train", "test"), (n_train, n_test), np.random.SeedSequence(seed).spawn(2)):
+            rng = np.random.default_rng(seq)
+            n_shards = max(1, -(-n // shard_size))
+            for s in range(n_shards):
+                rows = [_encode(make_sample(rng)) for _ in range(min(shard_size, n - s * shard_size))]
+                table = pa.Table.from_pylist(rows, schema=FEATURES.arrow_schema)
+                pq.write_table(table, tmp / f"{split}-{s:05d}-of-{n_shards:05d}.parquet")
+        (tmp / "README.md").write_text(card)
     return root
+
+
+def _card(**params: int) -> str:
+    # Also the completeness key: a folder written with other arguments or an older drawing is rebuilt.
+    call = ", ".join(f"{k}={v}" for k, v in params.items())
+    # The YAML header is the hub's dataset-card `configs` block: which files make which split.
+    return ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: train-*\n"
+            "  - split: test\n    path: test-*\n---\n# Drawn shapes in the llava-instruct-mix-vsft schema\n\n"
+            f"Written by `llava_nb.synthetic.write_dataset(root, {call})`, format {_FORMAT_VERSION}.\n")
 
 
 def _encode(sample: dict) -> dict:
     buf = io.BytesIO()
     sample["images"][0].save(buf, format="PNG")
     return {"messages": sample["messages"], "images": [{"bytes": buf.getvalue(), "path": None}]}
-
-
-def _is_complete(root: Path, params: dict) -> bool:
-    try:
-        manifest = json.loads((root / _MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if {k: manifest.get(k) for k in params} != params:
-        return False
-    return all((root / name).is_file() for name in manifest["files"])

@@ -1,0 +1,327 @@
+"""Streams of llava-instruct-mix-vsft conversations (hub id or local files) and the assistant-only collator.
+
+Bad samples are dropped where they are found and counted by reason in a `collections.Counter`:
+the stream drops what can be judged from the sample alone (malformed messages, undecodable images,
+`<image>` placeholders that do not match the images, empty replies), so a batch never arrives empty
+because the data is dirty; the collator drops what depends on the tokenizer and `max_length`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import torch
+from PIL import Image
+
+from .processing import IMAGE_TOKEN, assistant_spans
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # what LlavaForConditionalGeneration's loss skips
+DATA_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}
+
+
+class SkipSample(Exception):
+    """A sample that cannot be trained on; `reason` is the short key it is counted under."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def note_skip(skipped: Counter, error: SkipSample) -> None:
+    """Count a skipped sample; warn at its reason's 1st, 10th, 100th... occurrence so logs stay short."""
+    skipped[error.reason] += 1
+    n = skipped[error.reason]
+    if math.log10(n).is_integer():
+        log.warning("skipped a sample (%s so far for this reason): %s", n, error)
+
+
+# ----------------------------------------------------------------------------------------- streams
+
+
+def stream(
+    source: str,
+    split: str,
+    *,
+    max_turns: int | None = None,
+    seed: int = 0,
+    shuffle_buffer: int | None = None,
+    skipped: Counter | None = None,
+) -> datasets.IterableDataset:
+    """Stream `split` of a hub dataset id, a local folder, or local parquet/jsonl files, cleaned.
+
+    Yields samples in the hub's schema with images decoded to RGB; samples with more than
+    `max_turns` user/assistant exchanges are left out (`max_turns=1`: single-turn only, as LLaVA's
+    stage 1). `shuffle_buffer=None` shuffles the train split (buffer 1000) and keeps the order of
+    any other split; 0 never shuffles. Bad samples are dropped and counted by reason in `skipped`
+    (pass `collator.skipped` to see every drop in one place).
+    """
+    skipped = Counter() if skipped is None else skipped
+    ds = _load(source, split)
+    images = ds.features.get("images") if ds.features else None
+    if isinstance(images, datasets.List) and isinstance(images.feature, datasets.Image):
+        # decode ourselves, so that one broken image is a skipped sample and not a crashed stream
+        ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    if shuffle_buffer is None:
+        shuffle_buffer = 1000 if split == "train" else 0
+    if shuffle_buffer:
+        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+
+    def prepare(sample: dict) -> dict:
+        try:
+            sample = clean_sample(sample)
+        except SkipSample as e:
+            note_skip(skipped, e)
+            return {"images": [], "_keep": False}
+        n_turns = sum(m["role"] == "assistant" for m in sample["messages"])
+        return {"images": sample["images"], "_keep": max_turns is None or n_turns <= max_turns}
+
+    return ds.map(prepare).filter(lambda s: s["_keep"]).remove_columns("_keep")
+
+
+def _load(source: str, split: str) -> datasets.IterableDataset:
+    path = Path(source).expanduser()
+    files = sorted(path.parent.glob(path.name)) if any(c in path.name for c in "*?[") else [path]
+    if path.is_dir():
+        kind, args = f"folder {source!r}", {"path": str(path)}
+    elif files and all(f.is_file() and f.suffix in DATA_SUFFIXES for f in files):
+        kind = f"files {source!r}"
+        args = {"path": DATA_SUFFIXES[files[0].suffix], "data_files": {split: [str(f) for f in files]}}
+    elif source.startswith("offline:"):
+        raise ValueError(f"{source!r} names a generated dataset, not a path: pass the folder that "
+                         "llava_nb.sources.prepare_dataset(profile) returns")
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        kind, args = f"hub dataset {source!r}", {"path": source}
+    else:
+        raise FileNotFoundError(f"dataset {source!r} not found: it is not an existing folder, nor existing "
+                                f"{'/'.join(DATA_SUFFIXES)} files, nor a hub id like 'owner/name'")
+    try:
+        return datasets.load_dataset(**args, split=split, streaming=True)
+    except ValueError as e:
+        if "split" not in str(e).lower():
+            raise
+        raise ValueError(f"{kind} has no split {split!r} ({e}). Pick one of its splits; a local folder names "
+                         f"them by file, as the hub does: {split}-00000-of-00001.parquet") from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{kind} holds no data files ({e}): expected parquet or jsonl files "
+                                f"named like {split}-00000-of-00001.parquet, as in a hub dataset") from e
+
+
+# -------------------------------------------------------------------------------- sample checking
+
+
+def clean_sample(sample: dict) -> dict:
+    """The sample with its images decoded to RGB, or SkipSample naming what is wrong with it."""
+    messages = sample.get("messages")
+    _check_messages(messages)
+    images = sample.get("images") or []
+    if not isinstance(images, list):
+        raise SkipSample("malformed_sample", f"'images' must be a list, got {type(images).__name__}")
+    texts = [item.get("text") or "" for m in messages for item in _items(m) if item.get("type") == "text"]
+    n_placeholders = sum(item.get("type") == "image" for m in messages for item in _items(m))
+    n_placeholders += sum(t.count(IMAGE_TOKEN) for t in texts)
+    if n_placeholders != len(images):
+        raise SkipSample("image_count_mismatch", f"{n_placeholders} image placeholder(s) for {len(images)} "
+                         f"image(s) in {_preview(messages)}")
+    return {"messages": messages, "images": [to_rgb(_decode(im, messages)) for im in images]}
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise SkipSample("malformed_messages", f"'messages' must be a non-empty list, got {messages!r:.80}")
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        items = content if isinstance(content, list) else [content]
+        if not all(isinstance(c, str) or (isinstance(c, dict) and c.get("type") in ("text", "image")
+                                          and isinstance(c.get("text") or "", str)) for c in items):
+            raise SkipSample("malformed_messages", f"message {i} is not a role with text or image items: "
+                             f"{m!r:.80}")
+    turns = [m for m in messages if m.get("role") != "system"]
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.get("role") != expected:
+            raise SkipSample("malformed_messages", f"turn {i} should come from the {expected}, got "
+                             f"{m.get('role')!r} in {_preview(messages)}")
+    if not turns or turns[-1]["role"] != "assistant":
+        raise SkipSample("malformed_messages", f"the conversation must end with an assistant reply: "
+                         f"{_preview(messages)}")
+    for m in turns[1::2]:
+        if not "".join(c.get("text") or "" for c in _items(m) if c.get("type") == "text").strip():
+            raise SkipSample("empty_reply", f"an assistant reply is empty in {_preview(messages)}")
+
+
+def _items(message: dict) -> list[dict]:
+    content = message.get("content")
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def _preview(messages: list) -> str:
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), (list, str)):
+            text = " ".join(c.get("text") or "" for c in _items(m) if isinstance(c, dict))
+            return f"the conversation starting {text.strip()[:60]!r}"
+    return "a conversation with no user turn"
+
+
+def _decode(image: object, messages: list) -> Image.Image:
+    try:
+        if isinstance(image, Image.Image):
+            return image
+        if isinstance(image, dict):  # the Image feature's storage: {"bytes": ..., "path": ...}
+            image = image.get("bytes") or image.get("path")
+        opened = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+        opened.load()  # decode now, so a truncated file fails here and not in the collator
+        return opened
+    except Exception as e:  # PIL raises many types for broken files
+        raise SkipSample("undecodable_image", f"{type(e).__name__}: {e} in {_preview(messages)}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, as CLIP expects; transparent pixels become white instead of PIL's default black."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# ------------------------------------------------------------------------------------- collator
+
+
+class LlavaCollator:
+    """Turns raw samples into a right-padded batch for `LlavaForConditionalGeneration`.
+
+    Labels supervise exactly the assistant replies and their end-of-turn token (the chat template's
+    `{% generation %}` spans); the system prompt, user turns, image tokens and padding get
+    `ignore_index`. A sample longer than `max_length` loses whole trailing turns (or, failing that, the
+    end of its first reply); its image tokens are never cut, the sample is skipped instead.
+    `skipped` counts dropped samples by reason; `totals` counts samples, tokens, padding,
+    supervised tokens, truncated samples and replayed batches over the collator's life.
+    """
+
+    def __init__(self, processor, max_length: int, ignore_index: int = IGNORE_INDEX,
+                 pad_to_multiple_of: int | None = None):
+        self.processor = processor
+        self.max_length = max_length
+        self.ignore_index = ignore_index
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id = processor.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token: call processing.add_special_tokens(tokenizer)")
+        self.skipped: Counter = Counter()
+        self.totals: Counter = Counter()
+        self._last_good: dict | None = None
+        self._check_room()
+
+    def _check_room(self) -> None:
+        # Fail now, not after hours of skipped samples, if max_length cannot hold one image and a reply.
+        probe = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                              {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}],
+                 "images": [Image.new("RGB", (224, 224))]}
+        _, labels, _ = self._tokenize(probe)
+        first_reply = int((labels != self.ignore_index).nonzero()[0])
+        if self.max_length <= first_reply:
+            raise ValueError(f"max_length={self.max_length} cannot hold a reply: the system prompt, one "
+                             f"image and the turn markers take {first_reply} tokens; use a few hundred more")
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        encoded = []
+        for sample in samples:
+            try:
+                encoded.append(self.encode(sample))
+            except SkipSample as e:
+                note_skip(self.skipped, e)
+        if not encoded:
+            # A Trainer cannot step on an empty batch, and an all-ignored one gives a NaN loss.
+            if self._last_good is None:
+                raise ValueError(f"no usable sample in the first batch (skipped: {dict(self.skipped)}); "
+                                 "check the data and max_length")
+            log.warning("every sample of a batch was skipped; repeating the last good sample")
+            self.totals["replayed_batches"] += 1
+            encoded = [self._last_good]
+        self._last_good = encoded[-1]
+        batch = self._pad(encoded)
+        stats = batch_stats(batch, self.ignore_index)
+        self.totals.update({k: stats[k] for k in ("samples", "tokens", "padding", "supervised")})
+        return batch
+
+    def encode(self, sample: dict) -> dict[str, torch.Tensor]:
+        """One sample's input_ids, labels and pixel_values, cut to max_length; SkipSample if unusable."""
+        ids, labels, pixel_values = self._tokenize(clean_sample(sample))
+        if len(ids) > self.max_length:
+            ids, labels = self._truncate(ids, labels, sample)
+            self.totals["truncated"] += 1
+        if not (labels != self.ignore_index).any():
+            raise SkipSample("no_supervised_tokens", f"no reply token left within max_length="
+                             f"{self.max_length} in {_preview(sample['messages'])}")
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
+
+    def _tokenize(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        images = sample["images"]
+        out = self.processor.apply_chat_template(
+            sample["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            return_tensors="pt", processor_kwargs={"images": images} if images else {},
+        )
+        ids = out["input_ids"][0]
+        labels = torch.where(out["assistant_masks"][0].bool(), ids, self.ignore_index)
+        return ids, labels, out.get("pixel_values")
+
+    def _truncate(self, ids: torch.Tensor, labels: torch.Tensor, sample: dict) -> tuple[torch.Tensor, ...]:
+        image_positions = (ids == self.processor.image_token_id).nonzero()
+        keep_at_least = int(image_positions[-1]) + 1 if len(image_positions) else 0
+        if keep_at_least > self.max_length:
+            raise SkipSample("image_truncated", f"its image tokens end at token {keep_at_least}, past "
+                             f"max_length={self.max_length}, in {_preview(sample['messages'])}")
+        supervised = labels != self.ignore_index
+        # a reply ends where supervision stops: cutting there keeps whole turns
+        turn_ends = (supervised[:-1] & ~supervised[1:]).nonzero().flatten() + 1
+        fitting = [int(e) for e in turn_ends if keep_at_least <= e <= self.max_length]
+        cut = max(fitting) if fitting else self.max_length
+        return ids[:cut], labels[:cut]
+
+    def _pad(self, encoded: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(e["input_ids"]) for e in encoded)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(encoded), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(encoded), length), self.ignore_index, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        for row, e in enumerate(encoded):  # right padding: training reads left to right
+            n = len(e["input_ids"])
+            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = e["input_ids"], e["labels"], 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pixel_values = [e["pixel_values"] for e in encoded if e["pixel_values"] is not None]
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values)  # (n_images, 3, H, W), in prompt order
+        return batch
+
+
+# ------------------------------------------------------------------------------ batch inspection
+
+
+def batch_stats(batch: dict[str, torch.Tensor], ignore_index: int = IGNORE_INDEX) -> dict[str, float]:
+    """Samples, real tokens, padding tokens, supervised tokens and the padding fraction of a batch."""
+    mask = batch["attention_mask"]
+    tokens = int(mask.sum())
+    return {"samples": mask.shape[0], "tokens": tokens, "padding": mask.numel() - tokens,
+            "supervised": int((batch["labels"] != ignore_index).sum()),
+            "padding_fraction": 1 - tokens / mask.numel()}
+
+
+def describe_batch(batch: dict[str, torch.Tensor], tokenizer, index: int = 0,
+                   ignore_index: int = IGNORE_INDEX) -> dict[str, object]:
+    """Example `index` of a batch: its full text (image tokens collapsed) and its supervised spans."""
+    n = int(batch["attention_mask"][index].sum())
+    text = tokenizer.decode(batch["input_ids"][index, :n])
+    run = f"(?:{re.escape(IMAGE_TOKEN)})+"
+    text = re.sub(run, lambda m: f"{IMAGE_TOKEN}x{m[0].count(IMAGE_TOKEN)}", text)
+    labels = batch["labels"][index]
+    return {"text": text, "supervised": assistant_spans(tokenizer, labels, labels != ignore_index)}
