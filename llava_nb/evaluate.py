@@ -1,0 +1,319 @@
+"""Held-out accuracy and loss of an exported model, or of the untrained one; `python -m llava_nb.evaluate`.
+
+- eval loss: mean cross-entropy over the supervised (assistant) tokens of the test split, batched by
+  the training collator (every token weighs the same, whatever its batch).
+- offline accuracy: every question turn of the drawn test split is answered by batched greedy
+  generation, with the true earlier turns as history (teacher forcing), and scored by exact match
+  after normalisation (case, punctuation, articles, number words). Captions count in the loss only.
+- t4: the hub's test split has free-form answers, so there is no accuracy (`accuracy: null`); the
+  model answers a fixed set of public-domain images instead, for a person to read.
+
+The command prints a table and, as its last line, one JSON object (`accuracy`, `n`, `eval_loss`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import config as cfg
+from . import infer
+from .data import IGNORE_INDEX, LlavaCollator, stream
+from .sources import prepare_dataset
+from .synthetic import QUESTION_KINDS, question_kind
+
+log = logging.getLogger(__name__)
+
+UNTRAINED = "untrained"  # --checkpoint value: surgery.build's model, projector at init
+DEFAULT_LIMIT = {"offline": 64, "t4": 100}  # test samples; offline: 40 s on 2 idle CPU cores, ~2 min on busy ones
+MAX_NEW_TOKENS = {"offline": 6, "t4": 48}  # offline answers are one word and a full stop
+BATCH_SIZE = 8
+# Public-domain images for the t4 profile's answers (Wikimedia's 1280 px renditions), with what a reader
+# should expect to hear. The first is the tutorial's example.
+T4_IMAGES: tuple[tuple[str, str, str], ...] = (
+    (infer.MONA_LISA_URL, infer.TUTORIAL_QUESTION, "Leonardo da Vinci's Mona Lisa: a portrait of a woman"),
+    (("https://upload.wikimedia.org/wikipedia/commons/thumb/a/a5/Tsunami_by_hokusai_19th_century.jpg/"
+      "1280px-Tsunami_by_hokusai_19th_century.jpg"), "What is happening in this picture?",
+     "Hokusai's Great Wave: a huge wave over boats, Mount Fuji behind"),
+    (("https://upload.wikimedia.org/wikipedia/commons/thumb/9/97/The_Earth_seen_from_Apollo_17.jpg/"
+      "1280px-The_Earth_seen_from_Apollo_17.jpg"), "What is shown in this image?",
+     "the Earth seen from space (Apollo 17's Blue Marble)"),
+)
+T4_NOTE = ("no accuracy: llava-instruct-mix-vsft's answers are free-form sentences; read the answers on the "
+           "fixed images instead")
+
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven",
+                                                  "eight", "nine", "ten", "eleven", "twelve"])}
+ARTICLES = {"a", "an", "the"}
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, number words as digits: 'The Three.' -> '3'."""
+    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def is_correct(predicted: str, expected: str) -> bool:
+    """Exact match after `normalize_answer`."""
+    return normalize_answer(predicted) == normalize_answer(expected)
+
+
+# ---------------------------------------------------------------------------------- questions
+
+
+def _text(message: dict) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return " ".join(item.get("text") or "" for item in content if item.get("type") == "text").strip()
+
+
+def _n_images(messages: Sequence[dict]) -> int:
+    n = 0
+    for m in messages:
+        items = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+        n += sum(item.get("type") == "image" or (item.get("text") or "").count("<image>") for item in items)
+    return n
+
+
+def question_turns(sample: dict, sample_index: int = 0) -> list[dict]:
+    """Each user turn of a conversation with its true history, its kind and the expected reply."""
+    messages = sample["messages"]
+    turns = []
+    for i, m in enumerate(messages):
+        if m["role"] != "user" or i + 1 >= len(messages) or messages[i + 1]["role"] != "assistant":
+            continue
+        prompt = messages[: i + 1]  # system (if any), earlier turns with their true replies, this question
+        question = _text(m)
+        turns.append({
+            "sample": sample_index, "turn": len(turns), "kind": question_kind(question), "question": question,
+            "expected": _text(messages[i + 1]), "prompt": prompt, "images": sample["images"][: _n_images(prompt)],
+        })
+    return turns
+
+
+def answer_turns(model, processor, turns: list[dict], max_new_tokens: int, batch_size: int = BATCH_SIZE,
+                 progress: Callable[[str], None] | None = None) -> list[str]:
+    """Greedy replies to every turn, in batches of similar length (left padding); in `turns` order."""
+    order = sorted(range(len(turns)), key=lambda i: len(turns[i]["prompt"]))  # less padding per batch
+    replies: list[str] = [""] * len(turns)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        out = infer.generate(model, processor, [turns[i]["prompt"] for i in chunk],
+                             [turns[i]["images"] for i in chunk], max_new_tokens)
+        for i, reply in zip(chunk, out):
+            replies[i] = reply
+        if progress:
+            progress(f"answered {min(start + batch_size, len(order))}/{len(order)} questions")
+    return replies
+
+
+# ------------------------------------------------------------------------------------ the loss
+
+
+@torch.inference_mode()
+def eval_loss(model, processor, samples: list[dict], max_length: int, batch_size: int = BATCH_SIZE,
+              progress: Callable[[str], None] | None = None) -> tuple[float, int, Counter]:
+    """Mean token loss over the supervised tokens of `samples`: (loss, supervised tokens, skipped by reason)."""
+    collator = LlavaCollator(processor, max_length=max_length)
+    total, tokens = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        batch = collator(samples[start:start + batch_size])
+        labels = batch.pop("labels").to(model.device)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        logits = model(**batch).logits
+        # token t predicts token t+1; summed here and divided once, so batches weigh by their tokens
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
+        tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        if progress:
+            progress(f"loss on {min(start + batch_size, len(samples))}/{len(samples)} samples")
+    return (total / tokens if tokens else float("nan")), tokens, collator.skipped
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured: `metrics` (the JSON line) and every answer (with its image, for plots)."""
+
+    metrics: dict[str, Any]
+    answers: list[dict] = field(default_factory=list)  # sample, kind, question, expected, predicted, correct, image
+
+    def table(self) -> str:
+        """The metrics and a few answers as aligned plain text."""
+        return format_table(self)
+
+
+def held_out_samples(profile: cfg.Profile, limit: int) -> list[dict]:
+    """The first `limit` cleaned samples of the profile's test split, in file order."""
+    source = prepare_dataset(profile)
+    return list(itertools.islice(stream(source, profile.data.test_split, shuffle_buffer=0), limit))
+
+
+def evaluate(model, processor, profile: cfg.Profile, limit: int | None = None, *, batch_size: int = BATCH_SIZE,
+             max_new_tokens: int | None = None, samples: list[dict] | None = None,
+             progress: Callable[[str], None] | None = None, name: str = "") -> Evaluation:
+    """Eval loss on the test split and answers (offline: scored questions; t4: the fixed images)."""
+    start = time.perf_counter()
+    offline = profile.data.dataset.startswith("offline:")
+    limit = limit or DEFAULT_LIMIT["offline" if offline else "t4"]
+    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS["offline" if offline else "t4"]
+    model.eval()
+    samples = samples if samples is not None else held_out_samples(profile, limit)
+    loss, tokens, skipped = eval_loss(model, processor, samples, profile.data.max_length, batch_size, progress)
+    if offline:
+        turns = [t for i, s in enumerate(samples) for t in question_turns(s, i) if t["kind"] in QUESTION_KINDS]
+    else:
+        turns = []
+        for i, (url, question, expected) in enumerate(T4_IMAGES):
+            try:
+                images = [infer.load_image(url)]
+            except (ConnectionError, ValueError) as e:
+                log.warning("%s", e)
+                if progress:
+                    progress(f"skipped {url}: {e}")
+                continue
+            turns.append({"sample": i, "turn": 0, "kind": "other", "question": question, "expected": expected,
+                          "prompt": [infer.user_turn(question)], "images": images, "url": url})
+    replies = answer_turns(model, processor, turns, max_new_tokens, batch_size, progress)
+    answers = [{"sample": t["sample"], "turn": t["turn"], "kind": t["kind"], "question": t["question"],
+                "expected": t["expected"], "predicted": reply,
+                "correct": is_correct(reply, t["expected"]) if offline else None,
+                "image": t["images"][0] if t["images"] else None}
+               for t, reply in zip(turns, replies)]
+    metrics = _metrics(answers, offline)
+    metrics |= {"eval_loss": round(loss, 4), "n": len(samples), "eval_tokens": tokens, "profile": profile.name,
+                "checkpoint": name, "max_new_tokens": max_new_tokens,
+                "seconds": round(time.perf_counter() - start, 1)}
+    if skipped:
+        metrics["skipped"] = dict(skipped)
+    if not offline:
+        metrics["note"] = T4_NOTE
+    return Evaluation(metrics, answers)
+
+
+def _metrics(answers: list[dict], offline: bool) -> dict[str, Any]:
+    scored = [a for a in answers if a["correct"] is not None]
+    per_kind = {}
+    for kind in QUESTION_KINDS if offline else ():
+        rows = [a for a in scored if a["kind"] == kind]
+        per_kind[kind] = {"accuracy": round(sum(a["correct"] for a in rows) / len(rows), 4) if rows else None,
+                          "n": len(rows)}
+    accuracy = round(sum(a["correct"] for a in scored) / len(scored), 4) if scored else None
+    return {"accuracy": accuracy, "n_questions": len(answers), "per_kind": per_kind}
+
+
+def format_table(result: Evaluation, examples: int = 6) -> str:
+    """Per-kind accuracy, the loss, and the first few answers, for a terminal."""
+    m = result.metrics
+    header = f"checkpoint {m['checkpoint'] or '?'} · profile {m['profile']} · {m['n']} test samples"
+    lines = [f"{header} · {m['seconds']} s", "", f"{'kind':<10}{'n':>5}{'accuracy':>10}"]
+    for kind, row in m["per_kind"].items():
+        lines.append(f"{kind:<10}{row['n']:>5}{_pct(row['accuracy']):>10}")
+    lines.append(f"{'all':<10}{m['n_questions']:>5}{_pct(m['accuracy']):>10}")
+    lines += ["", f"eval loss {m['eval_loss']:.4f} over {m['eval_tokens']} supervised tokens"]
+    if m.get("note"):
+        lines.append(f"note: {m['note']}")
+    if result.answers:
+        lines += ["", "examples (question -> answer | expected):"]
+        for a in result.answers[:examples]:
+            mark = "" if a["correct"] is None else (" ✓" if a["correct"] else " ✗")
+            lines.append(f"  {a['question']} -> {a['predicted']!r} | {a['expected']!r}{mark}")
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def comparison(results: dict[str, Evaluation]) -> dict[str, dict[str, Any]]:
+    """Accuracy per kind, overall accuracy and eval loss of several evaluations, one column each."""
+    out = {}
+    for name, r in results.items():
+        col = {kind: row["accuracy"] for kind, row in r.metrics["per_kind"].items()}
+        out[name] = col | {"all": r.metrics["accuracy"], "eval_loss": r.metrics["eval_loss"]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def load_model(checkpoint: str, profile: cfg.Profile, device: str | None = None):
+    """(model, processor) from an exported folder, or surgery.build's for `checkpoint='untrained'`."""
+    if checkpoint != UNTRAINED:
+        return infer.load(checkpoint, device=device, profile_name=profile.name)
+    from .surgery import build
+
+    model, processor = build(profile)
+    device = torch.device(device) if device else infer.default_device()
+    return model.to(device, infer.default_dtype(device)).eval(), processor
+
+
+def _per_profile(values: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in values.items())
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m llava_nb.evaluate",
+        description="Eval loss and answer accuracy of an exported LLaVA folder (or the untrained model) on the "
+                    "profile's test split. Prints a table, then one JSON line (accuracy, n, eval_loss, ...).")
+    parser.add_argument("--checkpoint", required=True,
+                        help="an exported folder (notebooks/05_training.ipynb or `python -m llava_nb.train`), "
+                             f"or '{UNTRAINED}' for the model straight after surgery (projector at init)")
+    parser.add_argument("--profile", choices=sorted(cfg.PROFILES), default=None,
+                        help=f"default: ${cfg.PROFILE_ENV}, else 'offline' under tests, else 't4'")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="test samples to evaluate (default: " + _per_profile(DEFAULT_LIMIT) + ")")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help=f"samples per forward pass and per generate call (default: {BATCH_SIZE})")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="longest answer, in tokens (default: " + _per_profile(MAX_NEW_TOKENS) + ")")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the evaluation from the command line; returns the metrics it printed."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    profile = cfg.get_profile(args.profile) if args.profile else cfg.pick_profile("t4")
+
+    def say(line: str) -> None:  # progress goes to stderr: stdout ends with the JSON line
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        model, processor = load_model(args.checkpoint, profile, args.device)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    name = args.checkpoint if args.checkpoint == UNTRAINED else str(Path(args.checkpoint))
+    result = evaluate(model, processor, profile, args.limit, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, progress=say, name=name)
+    print(result.table())
+    print(json.dumps(result.metrics), flush=True)
+    return result.metrics
+
+
+if __name__ == "__main__":
+    main()
