@@ -19,7 +19,7 @@ import datasets
 import torch
 from PIL import Image
 
-from .processing import IMAGE_TOKEN, assistant_spans
+from .processing import IMAGE_TOKEN, assistant_spans, image_tokens_per_image
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ class LlavaCollator:
         self.pad_token_id = processor.tokenizer.pad_token_id
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: call processing.add_special_tokens(tokenizer)")
+        self.image_tokens = image_tokens_per_image(processor)  # 49 for ViT-B/32 at 224 px
         self.skipped: Counter = Counter()
         self.totals: Counter = Counter()
         self._last_good: dict | None = None
@@ -265,14 +266,26 @@ class LlavaCollator:
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
 
     def _tokenize(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        images = sample["images"]
-        out = self.processor.apply_chat_template(
-            sample["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-            return_tensors="pt", processor_kwargs={"images": images} if images else {},
+        # The tokenizer renders the template and marks the {% generation %} spans; each single
+        # <image> token is then widened to the vision tower's feature count here. (The processor's own
+        # apply_chat_template does both, but transformers 5.15 takes no `images` there and returns an
+        # all-zero assistant mask for a multimodal chat; this path gives the same ids on 5.15 and 5.24.)
+        tokenizer, images = self.processor.tokenizer, sample["images"]
+        out = tokenizer.apply_chat_template(
+            sample["messages"], chat_template=self.processor.chat_template or tokenizer.chat_template,
+            tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
         )
-        ids = out["input_ids"][0]
-        labels = torch.where(out["assistant_masks"][0].bool(), ids, self.ignore_index)
-        return ids, labels, out.get("pixel_values")
+        ids = torch.tensor(out["input_ids"], dtype=torch.long)
+        mask = torch.tensor(out["assistant_masks"], dtype=torch.bool)
+        is_image = ids == self.processor.image_token_id
+        if int(is_image.sum()) != len(images):
+            raise SkipSample("image_count_mismatch", f"{int(is_image.sum())} <image> placeholder(s) for "
+                             f"{len(images)} image(s) in {_preview(sample['messages'])}")
+        repeats = torch.where(is_image, self.image_tokens, 1)
+        ids, mask = ids.repeat_interleave(repeats), mask.repeat_interleave(repeats) & ~is_image.repeat_interleave(repeats)
+        labels = torch.where(mask, ids, self.ignore_index)
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
+        return ids, labels, pixel_values
 
     def _truncate(self, ids: torch.Tensor, labels: torch.Tensor, sample: dict) -> tuple[torch.Tensor, ...]:
         image_positions = (ids == self.processor.image_token_id).nonzero()

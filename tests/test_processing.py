@@ -5,7 +5,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoTokenizer
 
-from llava_nb import processing
+from llava_nb import data, processing
 
 SYSTEM = processing.SYSTEM_PROMPT
 Q1 = [{"role": "user",
@@ -96,11 +96,8 @@ def test_processor_writes_one_token_per_image_feature(built, image):
 
 def test_assistant_mask_covers_exactly_the_replies(built, image):
     _, processor = built
-    question = [{"type": "image", "image": image}, *Q1[0]["content"][1:]]
-    messages = [{"role": "user", "content": question}] + A1 + Q2 + A2
-    batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
-                                          return_assistant_tokens_mask=True)
-    ids, mask = batch["input_ids"][0], batch["assistant_masks"][0]
+    encoded = data.LlavaCollator(processor, max_length=512).encode({"messages": Q1 + A1 + Q2 + A2, "images": [image]})
+    ids, mask = encoded["input_ids"], encoded["labels"] != data.IGNORE_INDEX
     spans = processing.assistant_spans(processor.tokenizer, ids, mask)
     assert spans == [" Red.<|im_end|>", " One.<|im_end|>"]
     image_positions = ids == processor.image_token_id
