@@ -1,0 +1,65 @@
+"""Pictures of a run with matplotlib: the library computes, notebooks show what these return."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from matplotlib.figure import Figure
+
+
+def loss_curve(log_history: Sequence[dict], *, title: str = "") -> Figure:
+    """Train and eval loss against the optimizer step, from `Trainer.state.log_history`.
+
+    A Figure made without pyplot: a notebook shows it once when it is a cell's last expression, and
+    scripts and tests need no display.
+    """
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    if not train and not evals:
+        raise ValueError("the log history holds no 'loss' or 'eval_loss' entry: was anything logged? "
+                         "(logging_steps / eval_steps larger than max_steps?)")
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), marker=".", label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss (held out)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on the replies")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def answer_grid(answers: dict[str, Sequence[dict]], *, n: int = 8, ncols: int = 4, width: float = 3.2) -> Figure:
+    """Images with their question, the expected reply and each model's answer (✓/✗ where scored).
+
+    `answers` maps a label ('before', 'after') to `evaluate.Evaluation.answers` of the same samples.
+    First questions come first, so the grid shows `n` different images where there are as many.
+    """
+    labels = list(answers)
+    first = answers[labels[0]]
+    order = sorted(range(len(first)), key=lambda i: first[i]["turn"])[:n]  # stable: sample order within a turn
+    nrows = max(1, -(-len(order) // ncols))
+    fig = Figure(figsize=(width * ncols, (width + 1.1) * nrows), layout="constrained")
+    for k, i in enumerate(order):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        ax.axis("off")
+        shown = first[i]
+        if shown["image"] is not None:
+            ax.imshow(shown["image"])
+        lines = [_short(shown["question"], 40), f"expected: {_short(shown['expected'])}"]
+        lines += [f"{label}: {_short(answers[label][i]['predicted'] or '(nothing)')}{_mark(answers[label][i])}"
+                  for label in labels]
+        ax.set_title("\n".join(lines), fontsize=8, loc="left")
+    return fig
+
+
+def _short(text: str, width: int = 30) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _mark(answer: dict) -> str:
+    return "" if answer.get("correct") is None else (" ✓" if answer["correct"] else " ✗")

@@ -1,0 +1,248 @@
+"""Training on the offline model with tiny budgets: exact resume, atomic checkpoints, exports that plain
+transformers loads, what stage 2 may change, and the memory formula against what torch really saves."""
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, LlamaModel, LlavaForConditionalGeneration
+
+from llava_nb import config, memory, plots, surgery, synthetic, train
+from llava_nb.fsutil import write_manifest
+
+PROJECTOR = "model.multi_modal_projector."
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Offline model, short samples, batch 1 x accumulation 2 (a step reads 2 samples), a save every step."""
+    return config.get_profile(
+        "offline", data=dict(max_length=160),
+        stage1=dict(max_steps=3, per_device_train_batch_size=1, gradient_accumulation_steps=2, save_steps=1,
+                    eval_samples=0, logging_steps=1),
+        stage2=dict(max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=1, save_steps=1,
+                    eval_samples=2, eval_steps=2, logging_steps=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny, tmp_path_factory):
+    """An uninterrupted 3-step stage-1 run, exported."""
+    root = tmp_path_factory.mktemp("run")
+    return train.train(tiny, 1, output_dir=root / "stage1")
+
+
+def trained(run: train.TrainResult, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run.checkpoint_dir / f"checkpoint-{step}" / train.TRAINABLE_FILE)
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_stream_is_one_order_per_seed_and_starts_anywhere(tmp_path, monkeypatch):
+    # datasets 5 sleeps 5 s after each pass over parquet files (apache/arrow#45214; 4.0 does not); ~12 here
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)
+    root = synthetic.write_dataset(tmp_path / "ds", seed=3, n_train=12, n_test=2, shard_size=6)
+    def messages(start: int, n: int) -> list:
+        stream = train.TrainStream(str(root), "train", max_turns=1, seed=5, shuffle_buffer=4, start=start)
+        return [s["messages"] for s in itertools.islice(stream, n)]
+
+    first = messages(0, 30)  # ~7 single-turn samples a pass: 4 passes, each reshuffled
+    assert messages(0, 30) == first
+    assert messages(11, 19) == first[11:]
+
+
+def test_only_the_projector_trains_in_stage1(stage1):
+    p = stage1.parameters
+    assert p["projector"]["trainable"] == p["projector"]["total"] > 0
+    assert sum(v["trainable"] for v in p.values()) == p["projector"]["total"]
+    assert list(trained(stage1, 3)) and all(k.startswith(PROJECTOR) for k in trained(stage1, 3))
+
+
+def test_resume_after_an_interruption_matches_the_uninterrupted_run(stage1, tiny, tmp_path):
+    out = tmp_path / "stage1"
+    cut = train.train(tiny, 1, output_dir=out, callbacks=[train.StopAtStep(1)], export_model=False)
+    assert cut.global_step == 1 and cut.export_dir is None
+    resumed = train.train(tiny, 1, output_dir=out, resume=True, export_model=False)
+    assert resumed.resumed_from.name == "checkpoint-1" and resumed.global_step == 3
+    assert train.read_position(resumed.checkpoint_dir / "checkpoint-3") == 6  # 3 steps x 1 sample x 2
+    assert_same_tensors(trained(resumed, 3), trained(stage1, 3))
+    assert [c.name for c in train.checkpoints(resumed.checkpoint_dir)] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint_usable(stage1, tiny, tmp_path, monkeypatch):
+    out = tmp_path / "stage1"
+    real = train.LlavaTrainer._save_rng_state
+
+    def dies_at_step_2(self, output_dir):  # weights and optimizer written, RNG and trainer state not yet
+        if self.state.global_step == 2:
+            raise RuntimeError("simulated kill during the save")
+        return real(self, output_dir)
+
+    monkeypatch.setattr(train.LlavaTrainer, "_save_rng_state", dies_at_step_2)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train.train(tiny, 1, output_dir=out, export_model=False)
+    monkeypatch.undo()
+    folder = train.default_checkpoint_dir(out)
+    assert (folder / ".staging-checkpoint-2" / "checkpoint-2" / train.TRAINABLE_FILE).is_file()  # half saved
+    assert [c.name for c in train.checkpoints(folder)] == ["checkpoint-1"]
+    resumed = train.train(tiny, 1, output_dir=out, resume=True, export_model=False,
+                          callbacks=[train.StopAtStep(2)])
+    assert resumed.resumed_from.name == "checkpoint-1" and resumed.global_step == 2
+    assert not list(folder.glob(".staging-*"))
+    assert_same_tensors(trained(resumed, 2), trained(stage1, 2))
+
+
+def test_incomplete_checkpoint_folders_are_ignored(tmp_path):
+    for step in (1, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / train.TRAINABLE_FILE).write_bytes(b"x" * 10)
+    write_manifest(tmp_path / "checkpoint-1")
+    assert train.last_checkpoint(tmp_path).name == "checkpoint-1"
+    (tmp_path / "checkpoint-1" / train.TRAINABLE_FILE).write_bytes(b"x")  # truncated after the fact
+    assert train.last_checkpoint(tmp_path) is None
+
+
+def test_export_loads_and_generates_without_llava_nb(stage1):
+    script = f"""
+import sys, torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+model = LlavaForConditionalGeneration.from_pretrained({str(stage1.export_dir)!r})
+processor = AutoProcessor.from_pretrained({str(stage1.export_dir)!r})
+question = [{{"type": "image"}}, {{"type": "text", "text": "What colour is the circle?"}}]
+chat = [{{"role": "user", "content": question}}]
+inputs = processor(images=Image.new("RGB", (224, 224), "red"), return_tensors="pt",
+                   text=processor.apply_chat_template(chat, add_generation_prompt=True))
+out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+assert out.shape[1] > inputs["input_ids"].shape[1]
+assert "llava_nb" not in sys.modules
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_stage1_export_keeps_the_language_model_exact(stage1, source_lm):
+    model = LlavaForConditionalGeneration.from_pretrained(stage1.export_dir).eval()
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30, 2]])
+    assert train.read_summary(stage1.export_dir)["stage"] == 1
+    assert stage1.metrics["steps"] == 3
+    assert model.config.text_config.use_cache
+    assert surgery.text_logits_max_diff(model, source_lm, ids) < 1e-4
+
+
+def test_stage2_changes_only_the_projector_and_lora_targets(stage1, tiny, tmp_path):
+    run = train.train(tiny, 2, output_dir=tmp_path / "stage2", init_from=stage1.export_dir)
+    p = run.parameters
+    assert p["vision_tower"]["trainable"] == 0 and p["lm_head"]["trainable"] == 0
+    assert p["projector"]["trainable"] == p["projector"]["total"]
+    assert 0 < p["language_model"]["trainable"] < p["language_model"]["total"] // 10  # LoRA only
+    assert any("eval_loss" in e for e in run.log_history)
+    # compare as transformers loads them (the file itself uses the hub's legacy key names)
+    before = LlavaForConditionalGeneration.from_pretrained(stage1.export_dir).state_dict()
+    after = LlavaForConditionalGeneration.from_pretrained(run.export_dir).state_dict()
+    assert before.keys() == after.keys()  # merged: no lora_A / lora_B left
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    lora_weights = {k for k in before if k.startswith("model.language_model.")
+                    and k.rsplit(".", 2)[-2] in LORA_TARGETS and k.endswith(".weight")}
+    assert changed <= lora_weights | {k for k in before if k.startswith(PROJECTOR)}
+    assert any(k.startswith(PROJECTOR) for k in changed)
+    assert len(changed & lora_weights) > len(lora_weights) // 2
+    assert not any(k.startswith(("model.vision_tower.", "lm_head")) or "norm" in k or "embed" in k
+                   for k in changed)
+
+
+def test_stage2_without_a_stage1_export_says_what_to_do(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="run stage 1 first"):
+        train.train(tiny, 2, output_dir=tmp_path / "stage2")
+
+
+def test_training_arguments_follow_the_tutorial():
+    t = config.get_profile("t4").stage1
+    args = train.training_arguments(t, "unused", seed=0, evaluate=True)
+    assert (args.max_steps, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (350, 2, 4)
+    assert args.learning_rate == 2e-4 and args.lr_scheduler_kwargs == {"min_lr": 2e-5}
+    assert args.lr_scheduler_type.value == "cosine_with_min_lr"
+    assert args.get_warmup_steps(350) == 18  # 5 % of 350, rounded up
+    assert args.fp16 == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("lora_r", [0, 8])
+def test_activation_formula_matches_what_autograd_saves(backbones, lora_r):
+    """Per decoder layer and token, the formula equals the bytes torch keeps for backward (fp32, CPU)."""
+    from peft import LoraConfig, get_peft_model
+
+    measured = []
+    for layers in (1, 2):  # the difference is one layer, free of embeddings and the final norm
+        text = AutoConfig.from_pretrained(backbones.lm_dir, num_hidden_layers=layers)
+        text._attn_implementation = "sdpa"
+        model = LlamaModel(text).requires_grad_(False)
+        if lora_r:
+            lora = LoraConfig(r=lora_r, lora_dropout=0.05, target_modules=list(LORA_TARGETS))
+            model = get_peft_model(model, lora)
+        model.train()
+        weights = {w.untyped_storage().data_ptr() for w in [*model.parameters(), *model.buffers()]}
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        b, s = 2, 16
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(inputs_embeds=torch.randn(b, s, text.hidden_size, requires_grad=True),
+                  attention_mask=torch.ones(b, s, dtype=torch.long))
+        measured.append(sum(saved.values()) / (b * s))
+    h, i = text.hidden_size, text.intermediate_size
+    formula = memory.saved_bytes_per_token_layer(text, lora=(7, 6 * h + i), lora_r=lora_r, act_bytes=4,
+                                                 mask_bytes=4)
+    assert formula == pytest.approx(measured[1] - measured[0], rel=0.01)
+
+
+def test_memory_plan_of_the_t4_recipe_fits_a_t4():
+    t4 = config.get_profile("t4")
+    one = memory.memory_plan(t=t4.stage1, seq_len=t4.data.max_length, checkpointing=False)
+    one_ckpt = memory.memory_plan(t=t4.stage1, seq_len=t4.data.max_length, checkpointing=True)
+    two = memory.memory_plan(t=t4.stage2, seq_len=t4.data.max_length)
+    assert one["trainable parameters (M)"] == 5.77  # 768*2048 + 2048 + 2048*2048 + 2048
+    assert 2.1 < one["frozen weights (fp16)"] < 2.3  # TinyLlama 1.1B + CLIP-B/32 vision 88M, 2 bytes each
+    assert one_ckpt["activations"] < one["activations"] / 4
+    assert two["trainable parameters (M)"] > one["trainable parameters (M)"]
+    assert max(one["total"], two["total"]) < 14.5  # a T4 has 15 GiB
+
+
+def test_loss_curve_draws_train_and_eval_loss():
+    history = [{"loss": 3.0 - 0.1 * s, "step": s} for s in range(1, 6)] + [{"eval_loss": 2.9, "step": 5},
+                                                                           {"train_loss": 2.7, "step": 5}]
+    fig = plots.loss_curve(history)
+    assert [line.get_label() for line in fig.axes[0].lines] == ["train loss", "eval loss (held out)"]
+    with pytest.raises(ValueError, match="no 'loss'"):
+        plots.loss_curve([{"train_runtime": 1.0}])
+
+
+def test_command_line_help():
+    done = subprocess.run([sys.executable, "-m", "llava_nb.train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    for flag in ("--profile", "--stage", "--output-dir", "--max-steps", "--save-steps", "--dataset",
+                 "--resume", "--seed", "--init-from"):
+        assert flag in done.stdout
+
+
+def test_run_dir_is_drive_only_when_mounted(tmp_path, monkeypatch):
+    profile = config.get_profile("offline")
+    assert train.run_dir(profile) == Path(profile.output_dir) / "offline"
+    monkeypatch.setattr(train, "DRIVE", tmp_path)
+    (tmp_path / "MyDrive").mkdir()
+    assert train.run_dir(profile) == tmp_path / "MyDrive" / "llava_nb" / "offline"
