@@ -1,0 +1,190 @@
+"""The Gradio demo in a real browser: Debian's Chromium, driven by Playwright, against the app on localhost.
+
+Playwright's own browser download cannot work offline, so the test uses /usr/bin/chromium (`.ci/run`
+installs it with apt). A missing browser or playwright is a failure, not a skip.
+"""
+
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llava_nb import config, demo, infer, surgery, synthetic, train
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKENS = 12  # a few words: about a second of generation on a CPU
+WAIT_MS = 120_000  # generous: the CPU is shared and slow
+IDLE = re.compile(r"\bhide\b")  # the chat's status tracker is hidden when no request is running
+
+# Every piece of the last bot message the page showed (a MutationObserver in the page).
+WATCH_REPLIES = """() => {
+  window.replies = [];
+  new MutationObserver(() => {
+    const bots = document.querySelectorAll('#llava-chat [data-testid=bot]');
+    if (bots.length) window.replies.push(bots[bots.length - 1].innerText.trim());
+  }).observe(document.querySelector('#llava-chat'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def export_dir(backbones, tmp_path_factory):
+    """A tiny export (projector at init): its answers are nonsense, but they stream like real ones."""
+    model, processor = surgery.build(config.get_profile("offline"), backbones)  # own copy: export freezes it
+    return train.export(model, processor, tmp_path_factory.mktemp("demo") / "export")
+
+
+@pytest.fixture(scope="module")
+def url(export_dir):
+    """The demo as `python -m llava_nb.demo` starts it, on a free port, in this process."""
+    with socket.socket() as s:
+        s.bind((demo.HOST, 0))
+        port = s.getsockname()[1]
+    app = demo.main(["--checkpoint", str(export_dir), "--port", str(port), "--profile", "offline",
+                     "--max-new-tokens", str(TOKENS)], block=False)
+    yield f"http://{demo.HOST}:{port}/"
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is missing: pip install -r requirements-dev.txt to drive /usr/bin/chromium")
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does this); "
+                    "Playwright's own browser download cannot work offline")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_tab(browser, url):
+    """A function that opens the demo in a new tab (each tab is its own Gradio session)."""
+    context = browser.new_context(viewport={"width": 1100, "height": 820})
+
+    def open_tab():
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(url)
+        page.locator("#llava-ask").wait_for()
+        return page
+
+    yield open_tab
+    context.close()
+
+
+def upload(page, path: Path) -> None:
+    page.locator("#llava-image input[type=file]").set_input_files(path)
+
+
+def ask(page, question: str) -> None:
+    page.locator("#llava-question textarea").fill(question)
+    page.locator("#llava-ask").click()
+
+
+def wait_for_reply(page, n: int) -> str:
+    """The text of the n-th bot message, once the request that writes it has finished."""
+    from playwright.sync_api import expect
+
+    bots = page.locator("#llava-chat [data-testid=bot]")
+    expect(bots).to_have_count(n, timeout=WAIT_MS)
+    expect(page.locator("#llava-chat [data-testid=status-tracker]")).to_have_class(IDLE, timeout=WAIT_MS)
+    return bots.nth(n - 1).inner_text().strip()
+
+
+def test_upload_ask_stream_follow_up_and_a_second_tab(open_tab, tmp_path):
+    from playwright.sync_api import expect
+
+    scene = tmp_path / "scene.png"
+    synthetic.draw_scene(np.random.default_rng(0))[0].save(scene)
+    page = open_tab()
+    upload(page, scene)
+    expect(page.locator("#llava-image img")).to_be_visible()  # uploaded and shown
+    page.evaluate(WATCH_REPLIES)
+    ask(page, "Describe the image briefly.")
+    first = wait_for_reply(page, 1)
+    assert first, "the first answer is empty"
+    pieces = [text for text in dict.fromkeys(page.evaluate("window.replies")) if text]
+    assert len(pieces) >= 2 and pieces[-1] == first, f"the answer did not stream: {pieces}"
+
+    ask(page, "How many shapes are there?")  # a follow-up in the same conversation
+    second = wait_for_reply(page, 2)
+    assert second
+    users = page.locator("#llava-chat [data-testid=user]")
+    assert users.all_inner_texts() == ["Describe the image briefly.", "How many shapes are there?"]
+    page.screenshot(path=tmp_path / "demo.png")
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+    other = open_tab()  # a second tab is a second session: no image, no conversation
+    ask(other, "How many shapes are there?")
+    expect(other.locator("#llava-status")).to_contain_text("No image yet")
+    expect(other.locator("#llava-chat [data-testid=user]")).to_have_count(0)
+    expect(page.locator("#llava-chat [data-testid=bot]")).to_have_count(2)  # the first tab kept its own
+
+    page.locator("#llava-clear").click()  # start over
+    expect(page.locator("#llava-chat [data-testid=user]")).to_have_count(0)
+    expect(page.locator("#llava-image img")).to_have_count(0)
+
+
+def test_bad_input_gets_a_message_in_the_page(open_tab, tmp_path):
+    from playwright.sync_api import expect
+
+    page = open_tab()
+    status = page.locator("#llava-status")
+    ask(page, "   ")
+    expect(status).to_contain_text("The question is empty")
+    ask(page, "What colour is the circle?")
+    expect(status).to_contain_text("No image yet")
+
+    broken = tmp_path / "holiday.png"
+    broken.write_text("not a picture")
+    upload(page, broken)
+    expect(status).to_have_text("")  # the upload cleared the message, so it has arrived
+    ask(page, "What colour is the circle?")
+    expect(status).to_contain_text("not an image I can read")
+    expect(status).to_contain_text("holiday.png")
+    expect(page.locator("#llava-chat [data-testid=user]")).to_have_count(0)
+    assert "Traceback" not in page.inner_text("body")
+
+
+def test_a_folder_that_is_not_an_export_stops_the_command_with_a_message(tmp_path, capsys):
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainable.safetensors").write_bytes(b"")
+    for folder in (tmp_path / "missing", tmp_path / "checkpoint-3"):
+        with pytest.raises(SystemExit) as exit_:
+            demo.main(["--checkpoint", str(folder), "--profile", "offline"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(folder) in err and "llava_nb.train" in err
+
+
+def test_a_taken_port_stops_the_command_with_a_message(export_dir, capsys):
+    with socket.socket() as taken:
+        taken.bind((demo.HOST, 0))
+        taken.listen()
+        with pytest.raises(SystemExit) as exit_:
+            demo.main(["--checkpoint", str(export_dir), "--port", str(taken.getsockname()[1])], block=False)
+    assert exit_.value.code == 2
+    assert "choose a free port with --port" in capsys.readouterr().err
+
+
+def test_a_cleared_conversation_is_not_shown_again():
+    chat = infer.Chat(model=None, processor=None)  # no image: nothing is loaded
+    chat.messages = [infer.user_turn("How many shapes are there?"), infer.assistant_turn("Two.")]
+    kept = demo.Conversation("scene.png", chat)
+    assert next(demo.respond(None, None, "scene.png", "", kept, 8, 0.0)) == (
+        demo.to_messages(chat), kept, demo.EMPTY_QUESTION, "")
+    assert demo.forget(kept) == (None, [], "")
+    assert next(demo.respond(None, None, None, "And now?", kept, 8, 0.0)) == ([], None, demo.NO_IMAGE, "And now?")
+
+
+def test_temperature_zero_is_greedy():
+    assert demo.generation_kwargs(0) == {}
+    assert demo.generation_kwargs(0.7) == {"do_sample": True, "temperature": 0.7}
