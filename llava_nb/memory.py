@@ -73,7 +73,8 @@ def memory_plan(config: LlavaConfig | None = None, t: cfg.TrainConfig | None = N
         without checkpointing   L x b x s x saved_bytes_per_token_layer
         with checkpointing      L x b x s x h x 2  (each layer's input)  +  one layer's saved tensors,
                                 recomputed during backward
-        loss                    b x s x V x 10  (fp16 logits, their fp32 copy and log-softmax, its gradient)
+        loss                    b x s x V x 10  (fp16 logits, their fp32 copy and log-softmax, its gradient);
+                                an upper bound: with TrainConfig.fast_loss only supervised rows get logits
 
     The frozen vision tower keeps nothing for backward. Not included: the CUDA context (~0.3-0.5 GiB),
     allocator slack and temporaries. The tokenizer's two added tokens (vocabulary padded to a multiple
