@@ -308,10 +308,12 @@ class LlavaTrainer(Trainer):
                                         num_items_in_batch=num_items_in_batch)
         labels = inputs["labels"]
         llava = base_model(model)
-        hidden = llava.model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
         targets = labels[:, 1:]
         supervised = targets != data.IGNORE_INDEX  # position t predicts token t + 1
-        logits = llava.lm_head(hidden[:, :-1][supervised]).float()
+        # accelerate applies fp16/bf16 autocast around model.forward; these calls go around it
+        with self.accelerator.autocast():
+            hidden = llava.model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+            logits = llava.lm_head(hidden[:, :-1][supervised]).float()
         loss = nn.functional.cross_entropy(logits, targets[supervised], reduction="sum")
         if num_items_in_batch is None:
             return loss / supervised.sum().clamp(min=1)
