@@ -137,13 +137,15 @@ def stage_model(profile: cfg.Profile, stage: int, *, init_from: str | os.PathLik
     seed = profile.seed if seed is None else seed
     if stage == 1:
         model, processor = surgery.build(dataclasses.replace(profile, seed=seed))
+        model.set_attn_implementation("sdpa")  # fused attention (the default in transformers 5; made sure)
     else:
         if init_from is None or not is_complete(init_from):
             raise FileNotFoundError(f"stage 2 starts from a complete stage-1 export, and {init_from} is not "
                                     "one (missing, or its save was cut short): run stage 1 first "
                                     "(`python -m llava_nb.train --stage 1`) or pass --init-from")
         frozen = torch.float16 if torch.cuda.is_available() else torch.float32
-        model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=frozen)
+        model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=frozen,
+                                                              attn_implementation="sdpa")
         processor = AutoProcessor.from_pretrained(init_from)
         model = add_lora(model, profile.stage(2), seed=seed)
     base_model(model).config.text_config.use_cache = False  # no KV cache while training; export restores it
