@@ -6,7 +6,8 @@ Same profile (offline by default), model, data and seed for every configuration:
                the model's own loss over all positions, fp32, padding to the longest in the batch
     fast_loss  assistant-only labels + LM-head logits only where a label is (fp32)
     bf16       the tutorial's labels and loss under bf16 autocast (where the CPU has bf16 instructions)
-    project    stage 1 as `llava_nb.train` runs it: assistant-only labels, fast_loss, bf16 autocast
+    grouped    the tutorial's labels, loss and fp32, with batches grouped by length (less padding)
+    project    stage 1 as `llava_nb.train` runs it: assistant-only labels, fast_loss, bf16 autocast, grouped
     labels     (not run by default) assistant-only labels with the model's own loss, fp32
 
 Each configuration trains in its own subprocess (`python -m llava_nb.bench --_one NAME`), so its peak
@@ -39,7 +40,7 @@ import torch
 from . import config as cfg
 from . import data
 
-DEFAULT_CONFIGS = ("tutorial", "fast_loss", "bf16", "project")
+DEFAULT_CONFIGS = ("tutorial", "fast_loss", "bf16", "grouped", "project")
 BASELINE, PROJECT = "tutorial", "project"
 
 
@@ -49,6 +50,7 @@ class Variant:
     fast_loss: bool
     cpu_bf16: bool
     description: str
+    group: bool = False  # batches of similar length (train.TrainStream's length grouping)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -56,7 +58,9 @@ VARIANTS: dict[str, Variant] = {
     "labels": Variant("assistant", False, False, "assistant-only labels, model loss, fp32"),
     "fast_loss": Variant("assistant", True, False, "assistant-only labels + fast_loss, fp32"),
     "bf16": Variant("all", False, True, "tutorial labels and loss, bf16 autocast"),
-    "project": Variant("assistant", True, True, "project stage 1: assistant labels, fast_loss, bf16"),
+    "grouped": Variant("all", False, False, "tutorial labels and loss, fp32, batches grouped by length", True),
+    "project": Variant("assistant", True, True, "project stage 1: assistant labels, fast_loss, bf16, grouped",
+                       True),
 }
 
 
@@ -137,7 +141,8 @@ def train_one(name: str, *, steps: int = 3, warmup: int = 1, batch_size: int = 8
     if v.labels == "all":
         collator = TutorialCollator(collator)
     stream = train.TrainStream(source, profile.data.train_split, max_turns=t.max_turns, seed=seed,
-                               shuffle_buffer=profile.data.shuffle_buffer, skipped=collator.skipped)
+                               shuffle_buffer=profile.data.shuffle_buffer, skipped=collator.skipped,
+                               group=batch_size if v.group else 0, length_window=t.length_window)
     records: list[dict] = []
 
     class BenchTrainer(train.LlavaTrainer):
@@ -171,6 +176,7 @@ def train_one(name: str, *, steps: int = 3, warmup: int = 1, batch_size: int = 8
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = {
         "config": name, "description": v.description, "labels": v.labels, "fast_loss": v.fast_loss,
+        "grouped": v.group,
         "bf16": bool(args.bf16), "batch_size": batch_size, "warmup_steps": warmup, "timed_steps": len(timed),
         "seconds": round(seconds, 3), "step_seconds": [round(s, 3) for s in timed],
         "samples_per_s": total["samples"] / seconds if seconds else float("nan"),
@@ -372,13 +378,14 @@ def _fmt(x: Any, digits: int = 2) -> str:
 def format_table(summary: dict[str, Any]) -> str:
     """The results as a Markdown table (training, then generation)."""
     base = summary["train"].get(BASELINE)
-    rows = ["| config | labels | fast_loss | bf16 | samples/s | tokens/s | supervised tokens/s | speed-up "
-            "| peak RSS MB | train peak RSS MB |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| config | labels | fast_loss | bf16 | grouped | padding | samples/s | tokens/s | supervised tokens/s "
+            "| speed-up | peak RSS MB | train peak RSS MB |",
+            "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c, r in summary["train"].items():
         speed = _ratio(r["samples_per_s"], base["samples_per_s"]) if base else None
         rows.append(f"| {c} | {r['labels']} | {'yes' if r['fast_loss'] else 'no'} | "
-                    f"{'yes' if r['bf16'] else 'no'} | {_fmt(r['samples_per_s'])} | {_fmt(r['tokens_per_s'], 0)} | "
+                    f"{'yes' if r['bf16'] else 'no'} | {'yes' if r.get('grouped') else 'no'} | "
+                    f"{_fmt(100 * r['padding_fraction'], 1)} % | {_fmt(r['samples_per_s'])} | {_fmt(r['tokens_per_s'], 0)} | "
                     f"{_fmt(r['supervised_tokens_per_s'], 0)} | {_fmt(speed)}x | {_fmt(r['peak_rss_mb'], 0)} | "
                     f"{_fmt(r['train_peak_rss_mb'], 0)} |")
     g = summary["generation"]

@@ -62,6 +62,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     fast_loss: bool = True  # LM-head logits only where a label is (False: the model's own loss, every position)
     cpu_bf16: bool = True  # on a CPU with bf16 instructions, bf16 autocast (weights stay fp32)
+    length_window: int = 16  # batches read ahead and grouped by length (less padding); 0: stream order
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,13 @@ because the data is dirty; the collator drops what depends on the tokenizer and 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
+import random
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
@@ -84,6 +87,31 @@ def stream(
         return {"images": sample["images"], "_keep": max_turns is None or n_turns <= max_turns}
 
     return ds.map(prepare).filter(lambda s: s["_keep"]).remove_columns("_keep")
+
+
+def text_length(sample: dict) -> int:
+    """Characters of text in a sample's messages: a cheap stand-in for its token count."""
+    return sum(len(item.get("text") or "") for m in sample["messages"] for item in _items(m))
+
+
+def group_by_length(samples: Iterable[dict], group: int, *, window: int = 16, seed: int = 0) -> Iterator[dict]:
+    """The same samples, reordered so that each run of `group` holds samples of similar length.
+
+    Reads `group * window` samples at a time, sorts them by `text_length`, cuts the sorted list into
+    runs of `group` and yields the runs in a seeded random order (so long and short batches still
+    alternate). A batch padded to its longest sample then carries little padding. Deterministic for a
+    given input order and seed, so a resumed run can count its way back to the same place.
+    """
+    if group < 1 or window < 1:
+        raise ValueError(f"group and window must be >= 1, got {group} and {window}")
+    rng = random.Random(seed)
+    samples = iter(samples)
+    while chunk := list(itertools.islice(samples, group * window)):
+        chunk.sort(key=text_length)
+        runs = [chunk[i:i + group] for i in range(0, len(chunk), group)]
+        rng.shuffle(runs)
+        for run in runs:
+            yield from run
 
 
 def _load(source: str, split: str) -> datasets.IterableDataset:

@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,14 +169,17 @@ class TrainStream(torch.utils.data.IterableDataset):
     Pass k over the split is reshuffled with `set_epoch(k)` (the shuffle buffer's seed becomes seed + k),
     so the order depends on the seed alone. A resumed run starts at the sample count its checkpoint
     recorded: nothing is replayed, nothing skipped, and only raw samples are read past (no collation).
+    `group` > 0 reorders each window of `group * length_window` samples by length
+    (`data.group_by_length`), so that batches of `group` samples need little padding.
     Under several processes accelerate wraps this in an IterableDatasetShard: every process reads the
     same stream and keeps its slice of each `batch x processes` window, so the count stays global.
     """
 
     def __init__(self, source: str, split: str, *, max_turns: int | None, seed: int, shuffle_buffer: int,
-                 skipped: Counter | None = None, start: int = 0):
+                 skipped: Counter | None = None, start: int = 0, group: int = 0, length_window: int = 16):
         self.source, self.split, self.max_turns = source, split, max_turns
         self.seed, self.shuffle_buffer, self.start = seed, shuffle_buffer, start
+        self.group, self.length_window = group, length_window
         self.skipped = Counter() if skipped is None else skipped
 
     def __iter__(self) -> Iterator[dict]:
@@ -185,8 +188,11 @@ class TrainStream(torch.utils.data.IterableDataset):
         position = 0
         for epoch in itertools.count():
             stream.set_epoch(epoch)
+            samples: Iterable[dict] = stream
+            if self.group:
+                samples = data.group_by_length(stream, self.group, window=self.length_window, seed=self.seed + epoch)
             n = 0
-            for sample in stream:
+            for sample in samples:
                 n += 1
                 position += 1
                 if position > self.start:
@@ -573,7 +579,9 @@ def train(
     collator = data.LlavaCollator(processor, max_length=profile.data.max_length)
     train_stream = TrainStream(source, profile.data.train_split, max_turns=t.max_turns, seed=seed,
                                shuffle_buffer=profile.data.shuffle_buffer, skipped=collator.skipped,
-                               start=start)
+                               start=start, length_window=t.length_window,
+                               # each process keeps its slice of a batch x processes window of the stream
+                               group=args.per_device_train_batch_size * args.world_size if t.length_window else 0)
     eval_set = held_out(source, profile.data.test_split, t.eval_samples, max_turns=t.max_turns,
                         skipped=collator.skipped) if evaluate else None
 

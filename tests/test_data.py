@@ -245,3 +245,24 @@ def test_batch_trains_a_tiny_llava(processor, shapes):
     stats = data.batch_stats(batch)
     assert stats["samples"] == 4 and 0 < stats["supervised"] < stats["tokens"]
     assert 0 <= stats["padding_fraction"] < 1
+
+
+def test_grouping_by_length_keeps_every_sample_and_cuts_padding(processor):
+    rng = np.random.default_rng(0)
+    samples = [chat([f"Question {i}?"], [" ".join(["word"] * int(rng.integers(1, 40)))]) for i in range(64)]
+    grouped = list(data.group_by_length(iter(samples), 8, window=4, seed=1))
+    key = lambda s: s["messages"][0]["content"][1]["text"]  # noqa: E731
+    assert sorted(map(key, grouped)) == sorted(map(key, samples))  # a reordering, nothing lost or repeated
+    assert [key(s) for s in data.group_by_length(iter(samples), 8, window=4, seed=1)] == list(map(key, grouped))
+
+    def padding(order):
+        batches = [processor_collate(processor, order[i:i + 8]) for i in range(0, len(order), 8)]
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    assert padding(grouped) < padding(samples) / 2
+    with pytest.raises(ValueError, match="group and window"):
+        list(data.group_by_length(iter(samples), 0))
+
+
+def processor_collate(processor, samples):
+    return data.LlavaCollator(processor, max_length=256)(samples)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, LlamaModel, LlavaForConditionalGeneration
 
-from llava_nb import config, memory, plots, surgery, synthetic, train
+from llava_nb import config, data, memory, plots, surgery, synthetic, train
 from llava_nb.fsutil import write_manifest
 
 PROJECTOR = "model.multi_modal_projector."
@@ -52,13 +52,18 @@ def test_stream_is_one_order_per_seed_and_starts_anywhere(tmp_path, monkeypatch)
     # datasets 5 sleeps 5 s after each pass over parquet files (apache/arrow#45214; 4.0 does not); ~12 here
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)
     root = synthetic.write_dataset(tmp_path / "ds", seed=3, n_train=12, n_test=2, shard_size=6)
-    def messages(start: int, n: int) -> list:
-        stream = train.TrainStream(str(root), "train", max_turns=1, seed=5, shuffle_buffer=4, start=start)
+    def messages(start: int, n: int, **grouping) -> list:
+        stream = train.TrainStream(str(root), "train", max_turns=1, seed=5, shuffle_buffer=4, start=start,
+                                   **grouping)
         return [s["messages"] for s in itertools.islice(stream, n)]
 
     first = messages(0, 30)  # ~7 single-turn samples a pass: 4 passes, each reshuffled
     assert messages(0, 30) == first
     assert messages(11, 19) == first[11:]
+    grouped = messages(0, 30, group=2, length_window=2)  # grouped by length: still one order, any start
+    per_pass = sum(1 for _ in data.stream(str(root), "train", max_turns=1, shuffle_buffer=0))
+    assert grouped != first and sorted(map(str, grouped[:per_pass])) == sorted(map(str, first[:per_pass]))
+    assert messages(11, 19, group=2, length_window=2) == grouped[11:]
 
 
 def test_only_the_projector_trains_in_stage1(stage1):
