@@ -1,13 +1,21 @@
 """Drawn scenes and their conversations, in the schema of `HuggingFaceH4/llava-instruct-mix-vsft`.
 
 The offline profile trains on these instead of the hub's photos. The task is chosen so that a frozen
-random-weight ViT-B/32 plus a trained projector can solve it: 1-3 big flat shapes on a white
-background, four colours, three shapes, each object wholly inside the left or the right half, so
-every answer is one word that the pixels decide.
+random-weight ViT-B/32, a trained projector and a frozen 135M language model learn it in minutes on a
+CPU: every scene is 1-3 copies of one shape in one colour (four colours, three shapes), all in the left
+or all in the right half, each copy filling its own 2 x 2 block of the ViT's 32-pixel patches (never the
+middle column, which straddles the halves). So every answer (colour, shape, count, side) is one word
+that the whole image decides, and no question needs telling two different objects apart.
+
+Held-out accuracy of stage 1 after 300 steps (batch 8) on earlier drawings, for the record: up to three
+different objects of any size anywhere, 55-67 % (binding "the red one" to its shape or side was out of
+reach); identical copies of any size anywhere, 80-84 % (count and shape stuck near 65 %); identical
+copies each in one patch, 92 %; each on a 2 x 2 block (this drawing), 99 %.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -22,12 +30,15 @@ from PIL import Image, ImageDraw
 from .fsutil import atomic_dir, is_complete
 
 IMAGE_SIZE = 224
+PATCH = 32  # the ViT-B/32 patch: the image is a 7 x 7 grid of patches
 BACKGROUND = (255, 255, 255)
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (240, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three")
-MIN_SIZE, MAX_SIZE = 64, 96  # px: each object spans 2 to 3 patches of 32 px each way
-MARGIN = 6  # px between objects, and between an object and the midline or the border
+INSET = 2  # px: a shape is at most 60 px wide, inside its 64 px block...
+MIN_SIZE = 54  # ...and at least 54 px; size and offset vary, so no two images repeat
+# First patch column of a 2 x 2 block in each half: the middle column (96-128 px) straddles the halves
+SIDE_COLUMNS = {"left": (0, 1), "right": (4, 5)}
 
 # The hub's features (its dataset card): messages[].content[] = {index, text, type}, images = [Image].
 FEATURES = datasets.Features(
@@ -48,110 +59,68 @@ FEATURES = datasets.Features(
     }
 )
 
-# Two or three phrasings per question kind; {colour} and {shape} are filled from the scene.
+# Three phrasings per question kind; every question is about the whole scene.
 TEMPLATES = {
-    "colour": (
-        "What colour is the {shape}?",
-        "What is the colour of the {shape}?",
-        "Which colour does the {shape} have?",
-    ),
-    "shape": (
-        "What shape is the {colour} object?",
-        "Which shape is {colour}?",
-        "What is the {colour} shape?",
-    ),
-    "count": (
-        "How many shapes are there?",
-        "How many objects are in the image?",
-        "Count the shapes in the image.",
-    ),
-    "position": (
-        "Is the {colour} {shape} on the left or the right?",
-        "Is the {colour} {shape} on the left or right side?",
-        "Where is the {colour} {shape}, left or right?",
-    ),
-    "caption": (
-        "Describe the image briefly.",
-        "Give a short description of the image.",
-        "What is in this picture?",
-    ),
+    "colour": ("What colour are the shapes?", "Which colour do the objects have?", "What is the colour of the shapes?"),
+    "shape": ("What shape are the objects?", "Which shape do you see?", "What kind of shape is shown?"),
+    "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes in the image."),
+    "position": ("Are the shapes on the left or the right?", "On which side are the objects, left or right?",
+                 "Are the objects in the left or right half?"),
+    "caption": ("Describe the image briefly.", "Give a short description of the image.", "What is in this picture?"),
 }
 QUESTION_KINDS = ("colour", "shape", "count", "position")  # the kinds scored by exact answer
-_KIND_PATTERNS = [  # each template as a regex: its {fields} match any word
-    (kind, re.compile(re.sub(r"\\\{\w+\\\}", r"\\w+", re.escape(t)), re.IGNORECASE))
-    for kind, templates in TEMPLATES.items()
-    for t in templates
-]
+_KIND_PATTERNS = [(kind, re.compile(re.escape(t), re.IGNORECASE)) for kind, ts in TEMPLATES.items() for t in ts]
 
-_FORMAT_VERSION = 2  # bump when drawing or phrasing changes, so old folders are rebuilt
+_FORMAT_VERSION = 3  # bump when drawing or phrasing changes, so old folders are rebuilt
 
 
 def draw_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
-    """Draw 1-3 non-overlapping shapes, distinct (colour, shape) pairs; return the image and the objects."""
+    """Draw 1-3 copies of one (colour, shape), each on its own 2 x 2 block of patches in one half."""
     n = int(rng.integers(1, 4))
-    while True:  # rejection sampling; a 224 px canvas fits three objects easily, so this rarely loops
-        scene = _place_objects(rng, n)
-        if scene is not None:
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    side = "left" if rng.random() < 0.5 else "right"
+    while True:  # rejection sampling: three blocks fit one above the other, so this ends quickly
+        scene: list[dict] = []
+        for _ in range(n):
+            for _ in range(100):
+                size = int(rng.integers(MIN_SIZE, 2 * PATCH - 2 * INSET + 1))  # a few px of play in its block
+                x0 = PATCH * int(rng.choice(SIDE_COLUMNS[side])) + int(rng.integers(0, 2 * PATCH - size + 1))
+                y0 = PATCH * int(rng.integers(0, IMAGE_SIZE // PATCH - 1)) + int(rng.integers(0, 2 * PATCH - size + 1))
+                box = (x0, y0, x0 + size, y0 + size)
+                if all(_apart(box, other["box"]) for other in scene):
+                    scene.append({"colour": colour, "shape": shape, "side": side, "box": box})
+                    break
+        if len(scene) == n:
             break
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in scene:
         x0, y0, x1, y1 = obj["box"]
-        fill = COLOURS[obj["colour"]]
-        if obj["shape"] == "circle":
+        fill = COLOURS[colour]
+        if shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif obj["shape"] == "square":
+        elif shape == "square":
             draw.rectangle((x0, y0, x1, y1), fill=fill)
         else:
             draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
     return image, scene
 
 
-def _place_objects(rng: np.random.Generator, n: int) -> list[dict] | None:
-    pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    chosen = rng.choice(len(pairs), size=n, replace=False)
-    half = IMAGE_SIZE // 2
-    scene: list[dict] = []
-    for k in chosen:
-        colour, shape = pairs[int(k)]
-        for _ in range(100):
-            size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
-            side = "left" if rng.random() < 0.5 else "right"
-            # the whole object lies in its half, so "left or right?" never depends on a pixel
-            lo = MARGIN if side == "left" else half + MARGIN
-            x0 = int(rng.integers(lo, lo + half - 2 * MARGIN - size + 1))
-            y0 = int(rng.integers(MARGIN, IMAGE_SIZE - MARGIN - size + 1))
-            box = (x0, y0, x0 + size, y0 + size)
-            if all(_apart(box, other["box"]) for other in scene):
-                scene.append({"colour": colour, "shape": shape, "side": side, "box": box})
-                break
-        else:
-            return None
-    return scene
-
-
 def _apart(a: tuple, b: tuple) -> bool:
-    return a[2] + MARGIN <= b[0] or b[2] + MARGIN <= a[0] or a[3] + MARGIN <= b[1] or b[3] + MARGIN <= a[1]
+    return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
+def answers(scene: list[dict]) -> dict[str, str]:
+    """The one-word answer to each question kind."""
+    first = scene[0]
+    return {"colour": first["colour"], "shape": first["shape"], "count": NUMBERS[len(scene)], "position": first["side"]}
 
 
 def caption(scene: list[dict]) -> str:
-    """'A red circle, a blue square and a green triangle.': left half top to bottom, then right half."""
-    ordered = sorted(scene, key=lambda o: (o["side"] != "left", o["box"][1]))
-    parts = [f"a {o['colour']} {o['shape']}" for o in ordered]
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return text[0].upper() + text[1:] + "."
-
-
-def questions(scene: list[dict]) -> dict[str, list[tuple[dict, str]]]:
-    """Every askable question per kind, as (template fields, one-word answer); ambiguous ones are left out."""
-    shapes = [o["shape"] for o in scene]
-    colours = [o["colour"] for o in scene]
-    return {
-        "colour": [({"shape": o["shape"]}, o["colour"]) for o in scene if shapes.count(o["shape"]) == 1],
-        "shape": [({"colour": o["colour"]}, o["shape"]) for o in scene if colours.count(o["colour"]) == 1],
-        "count": [({}, NUMBERS[len(scene)])],
-        "position": [({"colour": o["colour"], "shape": o["shape"]}, o["side"]) for o in scene],
-    }
+    """'Two red circles on the left.'"""
+    first, n = scene[0], len(scene)
+    return f"{NUMBERS[n].capitalize()} {first['colour']} {first['shape']}{'s' if n > 1 else ''} on the {first['side']}."
 
 
 def question_kind(text: str) -> str:
@@ -164,21 +133,16 @@ def question_kind(text: str) -> str:
 
 
 def make_sample(rng: np.random.Generator) -> dict:
-    """One drawn image with a conversation: a caption, one question, or 2-3 questions on the same image."""
+    """One drawn image with a conversation: 1 turn (15 %) or 3-5, questions of distinct kinds, sometimes a caption.
+
+    Several answers per image give the projector more to learn from per forward pass (the image tokens
+    and the system prompt are most of the sequence)."""
     image, scene = draw_scene(rng)
-    style = rng.random()
-    if style < 0.3:
-        turns = [(_pick(rng, TEMPLATES["caption"]), caption(scene))]
-    else:
-        n_turns = 1 if style < 0.6 else int(rng.integers(2, 4))
-        askable = questions(scene)
-        kinds = [k for k in QUESTION_KINDS if askable[k]]
-        picked = rng.choice(len(kinds), size=min(n_turns, len(kinds)), replace=False)
-        turns = []
-        for i in picked:
-            kind = kinds[int(i)]
-            fields, answer = askable[kind][int(rng.integers(len(askable[kind])))]
-            turns.append((_pick(rng, TEMPLATES[kind]).format(**fields), answer.capitalize() + "."))
+    turns = [(_pick(rng, TEMPLATES[kind]), answer.capitalize() + ".") for kind, answer in answers(scene).items()]
+    if rng.random() < 0.25:
+        turns.append((_pick(rng, TEMPLATES["caption"]), caption(scene)))
+    n_turns = 1 if rng.random() < 0.15 else int(rng.integers(3, len(turns) + 1))  # some single-turn samples
+    turns = [turns[int(i)] for i in rng.permutation(len(turns))][:n_turns]
     messages = []
     for i, (question, answer) in enumerate(turns):
         content = [{"type": "image", "text": None, "index": 0}] if i == 0 else []
@@ -199,22 +163,35 @@ def write_dataset(
 
     Read them back with `datasets.load_dataset(str(root), split="train", streaming=True)` (the folder
     convention maps `train-00000-of-00004.parquet` to the train split). Train and test are drawn from
-    disjoint child seeds of `seed`; the same arguments give the same bytes.
+    disjoint child seeds of `seed`, and a test image that equals a train image is drawn again, so the
+    test split is truly held out; the same arguments give the same bytes.
     """
     root = Path(root)
     card = _card(seed=seed, n_train=n_train, n_test=n_test, shard_size=shard_size)
     if is_complete(root) and (root / "README.md").read_text() == card:
         return root
+    seen: set[bytes] = set()  # digests of the train images: a test image never repeats one
     with atomic_dir(root) as tmp:
         for split, n, seq in zip(("train", "test"), (n_train, n_test), np.random.SeedSequence(seed).spawn(2)):
             rng = np.random.default_rng(seq)
             n_shards = max(1, -(-n // shard_size))
             for s in range(n_shards):
-                rows = [_encode(make_sample(rng)) for _ in range(min(shard_size, n - s * shard_size))]
+                rows = [_new_row(rng, seen, keep=split == "train") for _ in range(min(shard_size, n - s * shard_size))]
                 table = pa.Table.from_pylist(rows, schema=FEATURES.arrow_schema)
                 pq.write_table(table, tmp / f"{split}-{s:05d}-of-{n_shards:05d}.parquet")
         (tmp / "README.md").write_text(card)
     return root
+
+
+def _new_row(rng: np.random.Generator, seen: set[bytes], *, keep: bool) -> dict:
+    while True:
+        row = _encode(make_sample(rng))
+        digest = hashlib.sha256(row["images"][0]["bytes"]).digest()
+        if keep:
+            seen.add(digest)
+            return row
+        if digest not in seen:
+            return row
 
 
 def _card(**params: int) -> str:
