@@ -169,7 +169,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     Pass k over the split is reshuffled with `set_epoch(k)` (the shuffle buffer's seed becomes seed + k),
     so the order depends on the seed alone. A resumed run starts at the sample count its checkpoint
     recorded: nothing is replayed, nothing skipped, and only raw samples are read past (no collation).
-    `group` > 0 reorders each window of `group * length_window` samples by length
+    `group` > 0 (and `length_window` > 0) reorders each window of `group * length_window` samples by length
     (`data.group_by_length`), so that batches of `group` samples need little padding.
     Under several processes accelerate wraps this in an IterableDatasetShard: every process reads the
     same stream and keeps its slice of each `batch x processes` window, so the count stays global.
@@ -189,7 +189,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         for epoch in itertools.count():
             stream.set_epoch(epoch)
             samples: Iterable[dict] = stream
-            if self.group:
+            if self.group and self.length_window:
                 samples = data.group_by_length(stream, self.group, window=self.length_window, seed=self.seed + epoch)
             n = 0
             for sample in samples:
@@ -581,7 +581,7 @@ def train(
                                shuffle_buffer=profile.data.shuffle_buffer, skipped=collator.skipped,
                                start=start, length_window=t.length_window,
                                # each process keeps its slice of a batch x processes window of the stream
-                               group=args.per_device_train_batch_size * args.world_size if t.length_window else 0)
+                               group=args.per_device_train_batch_size * args.world_size)
     eval_set = held_out(source, profile.data.test_split, t.eval_samples, max_turns=t.max_turns,
                         skipped=collator.skipped) if evaluate else None
 

@@ -255,14 +255,12 @@ def test_grouping_by_length_keeps_every_sample_and_cuts_padding(processor):
     assert sorted(map(key, grouped)) == sorted(map(key, samples))  # a reordering, nothing lost or repeated
     assert [key(s) for s in data.group_by_length(iter(samples), 8, window=4, seed=1)] == list(map(key, grouped))
 
+    collate = data.LlavaCollator(processor, max_length=256)
+
     def padding(order):
-        batches = [processor_collate(processor, order[i:i + 8]) for i in range(0, len(order), 8)]
+        batches = [collate(order[i:i + 8]) for i in range(0, len(order), 8)]
         return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
 
     assert padding(grouped) < padding(samples) / 2
     with pytest.raises(ValueError, match="group and window"):
         list(data.group_by_length(iter(samples), 0))
-
-
-def processor_collate(processor, samples):
-    return data.LlavaCollator(processor, max_length=256)(samples)
