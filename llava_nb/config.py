@@ -12,6 +12,9 @@ from typing import Any
 PROFILE_ENV = "LLAVA_NB_PROFILE"  # overrides the profile a notebook or command asks for
 CACHE_ENV = "LLAVA_NB_CACHE"  # where offline backbones and data are written
 TEST_ENV = "LLAVA_NB_IN_TEST"  # set by the test suite; notebooks then pick `offline` and tiny budgets
+# Set by the t4 test session to its local hub twin: an image URL https://host/path is fetched from
+# <mirror>/web/host/path instead (llava_nb.hub_server), through the same download code.
+WEB_MIRROR_ENV = "LLAVA_NB_WEB_MIRROR"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import datasets
 import torch
 from PIL import Image
 
-from .processing import IMAGE_TOKEN, assistant_spans, image_tokens_per_image
+from .processing import IMAGE_TOKEN, assistant_spans, image_tokens_per_image, special_prefix
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,20 @@ def _load(source: str, split: str) -> datasets.IterableDataset:
                                 f"{'/'.join(DATA_SUFFIXES)} files, nor a hub id like 'owner/name'")
     try:
         return datasets.load_dataset(**args, split=split, streaming=True)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{kind} holds no data files ({e}): expected parquet or jsonl files "
+                                f"named like {split}-00000-of-00001.parquet, as in a hub dataset") from e
+    except (ConnectionError, OSError) as e:  # the hub unreachable, or offline mode with nothing cached
+        if not kind.startswith("hub"):
+            raise
+        from .sources import hub_unreachable
+
+        raise hub_unreachable(source, "dataset", e) from e
     except ValueError as e:
         if "split" not in str(e).lower():
             raise
         raise ValueError(f"{kind} has no split {split!r} ({e}). Pick one of its splits; a local folder names "
                          f"them by file, as the hub does: {split}-00000-of-00001.parquet") from e
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{kind} holds no data files ({e}): expected parquet or jsonl files "
-                                f"named like {split}-00000-of-00001.parquet, as in a hub dataset") from e
 
 
 # -------------------------------------------------------------------------------- sample checking
@@ -245,6 +251,7 @@ class LlavaCollator:
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: call processing.add_special_tokens(tokenizer)")
         self.image_tokens = image_tokens_per_image(processor)  # 49 for ViT-B/32 at 224 px
+        self.prefix = special_prefix(processor.tokenizer)  # [bos] for TinyLlama, as inference tokenises
         self.skipped: Counter = Counter()
         self.totals: Counter = Counter()
         self._last_good: dict | None = None
@@ -303,8 +310,12 @@ class LlavaCollator:
             sample["messages"], chat_template=self.processor.chat_template or tokenizer.chat_template,
             tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
         )
-        ids = torch.tensor(out["input_ids"], dtype=torch.long)
-        mask = torch.tensor(out["assistant_masks"], dtype=torch.bool)
+        ids, mask = out["input_ids"], out["assistant_masks"]
+        if self.prefix and ids[:len(self.prefix)] != self.prefix:
+            # The template holds no BOS: the tokenizer adds it to text (as in inference), not to a chat.
+            ids, mask = self.prefix + ids, [0] * len(self.prefix) + mask
+        ids = torch.tensor(ids, dtype=torch.long)
+        mask = torch.tensor(mask, dtype=torch.bool)
         is_image = ids == self.processor.image_token_id
         if int(is_image.sum()) != len(images):
             raise SkipSample("image_count_mismatch", f"{int(is_image.sum())} <image> placeholder(s) for "

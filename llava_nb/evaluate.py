@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import config as cfg
 from . import infer
 from .data import IGNORE_INDEX, LlavaCollator, stream
-from .sources import prepare_dataset
+from .sources import HubUnreachable, prepare_dataset
 from .synthetic import QUESTION_KINDS, question_kind
 
 log = logging.getLogger(__name__)
@@ -304,12 +304,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     try:
         model, processor = load_model(args.checkpoint, profile, args.device)
-    except FileNotFoundError as e:
+        name = args.checkpoint if args.checkpoint == UNTRAINED else str(Path(args.checkpoint))
+        result = evaluate(model, processor, profile, args.limit, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, progress=say, name=name)
+    except (FileNotFoundError, HubUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    name = args.checkpoint if args.checkpoint == UNTRAINED else str(Path(args.checkpoint))
-    result = evaluate(model, processor, profile, args.limit, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, progress=say, name=name)
     print(result.table())
     print(json.dumps(result.metrics), flush=True)
     return result.metrics

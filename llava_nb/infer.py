@@ -7,11 +7,14 @@ module globals, so two `Chat` objects (two browser tabs of a demo) never share a
 from __future__ import annotations
 
 import io
+import os
+import re
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from queue import Queue
 
 import torch
 from PIL import Image
@@ -20,9 +23,10 @@ from transformers import (
     LlavaForConditionalGeneration,
     StoppingCriteria,
     StoppingCriteriaList,
-    TextIteratorStreamer,
 )
+from transformers.generation.streamers import BaseStreamer
 
+from . import config as cfg
 from .data import to_rgb
 from .fsutil import MANIFEST, is_complete
 
@@ -30,6 +34,7 @@ ImageInput = str | Path | Image.Image  # an http(s) URL, a local path, or a PIL 
 MONA_LISA_URL = "https://llava-vl.github.io/static/images/monalisa.jpg"  # the tutorial's example
 TUTORIAL_QUESTION = "What is represented in the image?"
 MAX_NEW_TOKENS = 64
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback (Llama, TinyLlama)
 URL_TIMEOUT_S = 20.0
 # Hosts such as Wikimedia refuse requests without a descriptive User-Agent.
 USER_AGENT = "llava-on-a-budget/0.1 (educational notebook; python-urllib)"
@@ -113,6 +118,8 @@ def load_image(image: ImageInput, timeout: float = URL_TIMEOUT_S) -> Image.Image
 
 
 def _fetch(url: str, timeout: float) -> Image.Image:
+    if mirror := os.environ.get(cfg.WEB_MIRROR_ENV):
+        url = f"{mirror.rstrip('/')}/web/{url.split('://', 1)[1]}"
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -206,15 +213,39 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _TokenQueue(BaseStreamer):
+    """Receives generated token ids from `generate` (prompt first, then one step at a time) into a queue."""
+
+    def __init__(self, timeout: float | None):
+        self.queue: Queue = Queue()
+        self.timeout = timeout
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate's first call hands over the prompt
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist(), timeout=self.timeout)
+
+    def end(self) -> None:
+        self.queue.put(None, timeout=self.timeout)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (ids := self.queue.get(timeout=self.timeout)) is not None:
+            yield ids
+
+
 def stream(model, processor, conversation: list[dict], images: Sequence[Image.Image],
            max_new_tokens: int = MAX_NEW_TOKENS, timeout: float | None = 300.0, **kwargs) -> Iterator[str]:
     """Yield the reply to one conversation in pieces as they are generated.
 
     The pieces join to exactly what `generate` returns for the same call (leading and trailing
-    whitespace dropped). Closing the iterator early stops the generation.
+    whitespace dropped): the reply so far is decoded whole at every step and only text that no later
+    token can change is yielded (not trailing whitespace, not a character still waiting for the rest of
+    its bytes, as SentencePiece's byte fallback spells emoji). Closing the iterator early stops the generation.
     """
     inputs = encode(processor, [conversation], [images], model)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
+    tokens = _TokenQueue(timeout)
     stop = threading.Event()
     failure: list[BaseException] = []
     gen_kwargs = _generate_kwargs(processor, max_new_tokens, kwargs)
@@ -223,24 +254,30 @@ def stream(model, processor, conversation: list[dict], images: Sequence[Image.Im
     def run() -> None:
         try:
             with torch.inference_mode():
-                model.generate(**inputs, **gen_kwargs, streamer=streamer)
+                model.generate(**inputs, **gen_kwargs, streamer=tokens)
         except BaseException as e:  # noqa: BLE001 - handed to the reading thread below
             failure.append(e)
-            streamer.end()  # unblock the reader; it re-raises
+            tokens.end()  # unblock the reader; it re-raises
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    started, held = False, ""  # trailing whitespace is held back until more text follows
+    ids: list[int] = []
+    sent = ""
     try:
-        for piece in streamer:
-            if not started:
-                piece = piece.lstrip()
-                started = bool(piece)
-            text = held + piece
-            body = text.rstrip()
-            held = text[len(body):]
-            if body:
-                yield body
+        for new in tokens:
+            ids += new
+            # A run of byte tokens (<0xE2><0x82>...) decodes as one group, valid UTF-8 or all U+FFFD: it is
+            # settled only once a token that is not a byte follows.
+            settled = len(ids)
+            while settled and BYTE_TOKEN.fullmatch(processor.tokenizer.convert_ids_to_tokens(ids[settled - 1])):
+                settled -= 1
+            stable = processor.tokenizer.decode(ids[:settled], skip_special_tokens=True).strip()
+            if len(stable) > len(sent) and stable.startswith(sent):
+                yield stable[len(sent):]
+                sent = stable
+        rest = processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if rest.startswith(sent) and len(rest) > len(sent):
+            yield rest[len(sent):]
     finally:
         stop.set()
         thread.join()

@@ -107,6 +107,19 @@ def image_tokens_per_image(processor: LlavaProcessor) -> int:
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The ids a tokenizer puts before any text of its own accord: `[bos]` for Llama's (TinyLlama),
+    none for GPT-2-style BPE (SmolLM2). Inference tokenises prompts with them (`processor(text=...)`),
+    so training must start every sequence with the same ids."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    raise ValueError(f"cannot tell which special tokens {type(tokenizer).__name__} adds: 'x' is {plain} "
+                     f"without them and {full} with them")
+
+
 def assistant_spans(tokenizer, input_ids, mask) -> list[str]:
     """Decode each run of consecutive masked tokens (1/True in `mask`): what the loss will see."""
     ids, keep = [int(i) for i in input_ids], [bool(m) for m in mask]

@@ -78,21 +78,40 @@ def _write_once(folder: Path, what: str, part: str, say: Callable[[str], None],
     return folder
 
 
+class HubUnreachable(ConnectionError):
+    """A hub repo could neither be downloaded nor found in the local cache."""
+
+
+def hub_unreachable(repo_id: str, kind: str, error: BaseException) -> HubUnreachable:
+    """The error to raise when `repo_id` cannot be had: which repo, why, and what to do instead."""
+    why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+    return HubUnreachable(
+        f"cannot reach the {kind} {repo_id!r} on the Hugging Face Hub, and it is not in the local cache ({why}). "
+        "The t4 profile downloads its models and streams its data from the hub: check the network (and that "
+        "HF_HUB_OFFLINE is not set), or use the profile that needs no hub: --profile offline "
+        "(PROFILE = \"offline\" in a notebook).")
+
+
 def _hub_snapshot(repo_id: str, files: list[str], part: str, say: Callable[[str], None]) -> Path:
     from huggingface_hub import snapshot_download  # its progress bars show the download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     say(f"{part}: fetching {repo_id} ({', '.join(files)}) from the hub, or its local cache")
-    folder = Path(snapshot_download(repo_id, allow_patterns=files))
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=files))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:  # no network, offline mode, no such repo
+        raise hub_unreachable(repo_id, "model repository", e) from e
     say(f"{part}: {folder}")
     return folder
 
 
 def write_random_clip(folder: Path, *, vision_layers: int = 12, text_layers: int = 2, seed: int = 0,
-                      position_std: float = 1.0) -> None:
+                      position_std: float = 1.0, vision: dict | None = None, text: dict | None = None) -> None:
     """A full CLIPModel checkpoint (text and vision keys, as openai's file) with seeded random weights.
 
     The vision half has ViT-B/32's shape (768 wide, 32-pixel patches at 224 px: 49 patch tokens);
-    the text half is never used by LLaVA, so it is kept shallow to save disk and time.
+    the text half is never used by LLaVA, so it is kept shallow to save disk and time. `vision` and `text`
+    override config fields of either half (the t4 twin narrows both).
     Position embeddings are drawn with `position_std` (transformers' init: 0.02). At 0.02 they are
     about 1 % of a patch embedding, so after the first LayerNorm a white patch on the left all but
     equals one on the right ("left or right?" stayed at chance, 55 %, on the earlier drawings); at 1.0
@@ -101,8 +120,8 @@ def write_random_clip(folder: Path, *, vision_layers: int = 12, text_layers: int
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    vision = {**cfg.T4_VISION_CONFIG, "num_hidden_layers": vision_layers}
-    config = CLIPConfig(text_config=dict(num_hidden_layers=text_layers), vision_config=vision,
+    vision = {**cfg.T4_VISION_CONFIG, "num_hidden_layers": vision_layers, **(vision or {})}
+    config = CLIPConfig(text_config={"num_hidden_layers": text_layers, **(text or {})}, vision_config=vision,
                         projection_dim=vision["projection_dim"])
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()

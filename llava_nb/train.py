@@ -677,8 +677,12 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     overrides = {k: v for k, v in dict(max_steps=args.max_steps, save_steps=args.save_steps).items()
                  if v is not None}
     profile = cfg.get_profile(name, **{f"stage{args.stage}": overrides})
-    result = train(profile, args.stage, output_dir=args.output_dir, checkpoint_dir=args.checkpoint_dir,
-                   init_from=args.init_from, resume=args.resume, seed=args.seed, dataset=args.dataset)
+    try:
+        result = train(profile, args.stage, output_dir=args.output_dir, checkpoint_dir=args.checkpoint_dir,
+                       init_from=args.init_from, resume=args.resume, seed=args.seed, dataset=args.dataset)
+    except sources.HubUnreachable as e:  # a message, not a stack of huggingface_hub frames
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:
         summary = {"export_dir": str(result.export_dir), "checkpoint_dir": str(result.checkpoint_dir),
                    "global_step": result.global_step, **result.metrics, "skipped": result.skipped}

@@ -9,10 +9,10 @@ import torch
 from llava_nb import bench, data, sources
 
 
-def test_tutorial_collator_labels_every_non_pad_token(built, offline_profile):
+def test_tutorial_collator_labels_every_non_pad_token(built, profile):
     _, processor = built
-    collator = data.LlavaCollator(processor, max_length=offline_profile.data.max_length)
-    samples = list(itertools.islice(data.stream(sources.prepare_dataset(offline_profile), "train",
+    collator = data.LlavaCollator(processor, max_length=profile.data.max_length)
+    samples = list(itertools.islice(data.stream(sources.prepare_dataset(profile), "train",
                                                 shuffle_buffer=0), 6))
     ours = collator(samples)
     tutorial = bench.TutorialCollator(collator)(samples)

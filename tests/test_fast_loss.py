@@ -8,10 +8,10 @@ from transformers import TrainingArguments
 from llava_nb import data, sources, train
 
 
-def test_fast_loss_equals_model_loss(built, offline_profile, tmp_path):
+def test_fast_loss_equals_model_loss(built, profile, tmp_path):
     model, processor = built
-    collator = data.LlavaCollator(processor, max_length=offline_profile.data.max_length)
-    source = sources.prepare_dataset(offline_profile)
+    collator = data.LlavaCollator(processor, max_length=profile.data.max_length)
+    source = sources.prepare_dataset(profile)
     batch = collator(list(itertools.islice(data.stream(source, "train", shuffle_buffer=0), 3)))
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     fast = train.LlavaTrainer(model=model, args=args, fast_loss=True)

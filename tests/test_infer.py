@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_nb import infer, synthetic
+from llava_nb import config, infer, synthetic
 
 TOKENS = 8  # enough for a few words; each generate call costs about a second on a CPU
 
@@ -60,6 +60,7 @@ class _Response(io.BytesIO):
 
 def test_url_is_fetched_with_a_timeout_and_errors_are_clear(monkeypatch, scenes):
     """No network: urlopen is replaced, so only our handling of its answers is tested."""
+    monkeypatch.delenv(config.WEB_MIRROR_ENV, raising=False)  # the t4 session's local mirror is not under test
     png = io.BytesIO()
     scenes[0].save(png, format="PNG")
     seen = {}
@@ -142,6 +143,25 @@ def test_a_follow_up_sees_the_image_and_the_earlier_turn(built, scenes):
 
 
 # ---------------------------------------------------------------------------------------- loading
+
+
+def test_training_and_inference_tokenise_every_prompt_alike(built, scenes):
+    """Each reply's prompt, as the collator trains on it (up to its first supervised token), is exactly what
+    infer.encode gives the model for the same conversation: the same ids, BOS included where the tokenizer
+    adds one, once."""
+    from llava_nb import data
+
+    _, processor = built
+    conversation = [infer.user_turn("What colour is the circle?"), infer.assistant_turn("Red."),
+                    infer.user_turn("How many are there?", with_image=False), infer.assistant_turn("Two."),
+                    infer.user_turn("Which side?", with_image=False), infer.assistant_turn("The left side.")]
+    encoded = data.LlavaCollator(processor, max_length=512).encode({"messages": conversation, "images": scenes[:1]})
+    ids, supervised = encoded["input_ids"], (encoded["labels"] != data.IGNORE_INDEX).int()
+    starts = [int(i) + 1 for i in torch.nonzero(supervised[1:] - supervised[:-1] == 1)]
+    assert len(starts) == 3
+    for k, start in enumerate(starts):
+        prompt = infer.encode(processor, [conversation[:2 * k + 1]], [scenes[:1]])["input_ids"][0]
+        assert prompt.tolist() == ids[:start].tolist(), f"reply {k + 1}: training and inference prompts differ"
 
 
 def test_missing_checkpoint_names_the_notebook_and_the_command(tmp_path):

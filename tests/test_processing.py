@@ -17,7 +17,7 @@ A2 = [{"role": "assistant", "content": [{"type": "text", "text": "One."}]}]
 
 @pytest.fixture
 def tokenizer(backbones):
-    """A fresh SmolLM2 tokenizer, as shipped (pad == eos == <|im_end|>)."""
+    """A fresh tokenizer of the profile's language model, as shipped (pad == eos: SmolLM2 <|im_end|>, TinyLlama </s>)."""
     return AutoTokenizer.from_pretrained(backbones.lm_dir)
 
 
@@ -63,17 +63,18 @@ def test_model_config_uses_the_tokenizers_ids(built):
 
 
 @pytest.mark.parametrize("messages, generation_prompt, expected", [
-    (Q1 + A1, False, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<|im_end|>"),
+    (Q1 + A1, False, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<eos>"),
     (Q1, True, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT:"),
-    (Q1 + A1 + Q2 + A2, False, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<|im_end|>"
-                               "USER: How many circles are there? ASSISTANT: One.<|im_end|>"),
-    (Q1 + A1 + Q2, True, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<|im_end|>"
+    (Q1 + A1 + Q2 + A2, False, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<eos>"
+                               "USER: How many circles are there? ASSISTANT: One.<eos>"),
+    (Q1 + A1 + Q2, True, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<eos>"
                          "USER: How many circles are there? ASSISTANT:"),
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], True,
      "Be brief. USER: Hi ASSISTANT:"),
 ], ids=["one-turn", "one-turn-prompt", "multi-turn", "multi-turn-prompt", "system-and-plain-strings"])
 def test_chat_template_renders_exactly(built, messages, generation_prompt, expected):
     _, processor = built
+    expected = expected.replace("<eos>", processor.tokenizer.eos_token)  # SmolLM2 <|im_end|>, TinyLlama </s>
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     assert text == expected
     assert processor.tokenizer.apply_chat_template(messages, tokenize=False,
@@ -96,15 +97,43 @@ def test_processor_writes_one_token_per_image_feature(built, image):
 
 def test_assistant_mask_covers_exactly_the_replies(built, image):
     _, processor = built
+    eos = processor.tokenizer.eos_token
     encoded = data.LlavaCollator(processor, max_length=512).encode({"messages": Q1 + A1 + Q2 + A2, "images": [image]})
     ids, mask = encoded["input_ids"], encoded["labels"] != data.IGNORE_INDEX
     spans = processing.assistant_spans(processor.tokenizer, ids, mask)
-    assert spans == [" Red.<|im_end|>", " One.<|im_end|>"]
+    assert [s.strip() for s in spans] == [f"Red.{eos}", f"One.{eos}"]
     image_positions = ids == processor.image_token_id
     assert int(image_positions.sum()) == 49 and not mask[image_positions].any()
 
 
+def test_three_turn_labels_are_the_three_replies_and_their_end_tokens(built, image):
+    _, processor = built
+    tok = processor.tokenizer
+    q3 = [{"role": "user", "content": [{"type": "text", "text": "Is it on the left?"}]}]
+    a3 = [{"role": "assistant", "content": [{"type": "text", "text": "Yes, on the left side."}]}]
+    encoded = data.LlavaCollator(processor, max_length=512).encode(
+        {"messages": Q1 + A1 + Q2 + A2 + q3 + a3, "images": [image]})
+    ids, mask = encoded["input_ids"], encoded["labels"] != data.IGNORE_INDEX
+    spans = processing.assistant_spans(tok, ids, mask)
+    assert [s.strip() for s in spans] == [f"Red.{tok.eos_token}", f"One.{tok.eos_token}",
+                                          f"Yes, on the left side.{tok.eos_token}"]
+    assert int((ids == tok.eos_token_id).sum()) == 3 and mask[ids == tok.eos_token_id].all()
+
+
+def test_a_sequence_starts_with_the_tokenizers_own_prefix_exactly_once(built, image):
+    """TinyLlama's tokenizer adds <s> to text, SmolLM2's adds nothing: training sequences follow suit."""
+    _, processor = built
+    tok = processor.tokenizer
+    prefix = processing.special_prefix(tok)
+    assert prefix == tok("x").input_ids[:len(tok("x").input_ids) - len(tok("x", add_special_tokens=False).input_ids)]
+    ids = data.LlavaCollator(processor, max_length=512).encode({"messages": Q1 + A1, "images": [image]})["input_ids"]
+    assert ids[:len(prefix)].tolist() == prefix
+    if tok.bos_token_id is not None and prefix == [tok.bos_token_id]:
+        assert int((ids == tok.bos_token_id).sum()) == 1
+
+
 def test_assistant_spans_splits_runs(tokenizer):
     ids = tokenizer("a b c d e", add_special_tokens=False).input_ids
-    assert processing.assistant_spans(tokenizer, ids, [0, 1, 1, 0, 1]) == [" b c", " e"]
+    spans = processing.assistant_spans(tokenizer, ids, [0, 1, 1, 0, 1])
+    assert [s.strip() for s in spans] == ["b c", "e"]  # SentencePiece decodes a run without its leading space
     assert processing.assistant_spans(tokenizer, ids, [0] * 5) == []

@@ -14,23 +14,24 @@ def _mtimes(folder):
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
-def test_second_prepare_reuses_the_cache(offline_profile, backbones):
-    before = {d: _mtimes(d) for d in (backbones.vision_dir, backbones.lm_dir)}
+def test_second_prepare_reuses_the_cache(offline_profile, offline_backbones):
+    before = {d: _mtimes(d) for d in (offline_backbones.vision_dir, offline_backbones.lm_dir)}
     lines = []
     start = time.perf_counter()
     again = sources.prepare_backbones(offline_profile, progress=lines.append)
     assert time.perf_counter() - start < 5
-    assert again == backbones
+    assert again == offline_backbones
     assert {d: _mtimes(d) for d in (again.vision_dir, again.lm_dir)} == before  # nothing rewritten
     assert len(lines) == 2 and all("reusing" in line for line in lines)
     assert set(sources.VISION_FILES) | {MANIFEST} <= set(before[again.vision_dir])
     assert {"config.json", "model.safetensors", "tokenizer.json", MANIFEST} <= set(before[again.lm_dir])
 
 
-def test_damaged_vision_folder_is_rebuilt_and_the_rest_kept(tmp_path, monkeypatch, backbones):
+def test_damaged_vision_folder_is_rebuilt_and_the_rest_kept(tmp_path, monkeypatch, offline_backbones):
     monkeypatch.setenv(config.CACHE_ENV, str(tmp_path))
-    (tmp_path / backbones.lm_dir.name).symlink_to(backbones.lm_dir)  # complete: must be reused, not rewritten
-    lm_before = _mtimes(backbones.lm_dir)
+    lm = offline_backbones.lm_dir
+    (tmp_path / lm.name).symlink_to(lm)  # complete: must be reused, not rewritten
+    lm_before = _mtimes(offline_backbones.lm_dir)
     # A one-layer tower keeps the real writer fast; the folder name records the depth.
     profile = config.get_profile("offline", model=dict(offline_vision_layers=1, offline_text_layers=1))
     vision = sources.prepare_backbones(profile).vision_dir
@@ -47,9 +48,9 @@ def test_damaged_vision_folder_is_rebuilt_and_the_rest_kept(tmp_path, monkeypatc
     sources.prepare_backbones(profile)
     assert is_complete(vision) and (vision / "pytorch_model.bin").stat().st_size > 1000
 
-    assert _mtimes(backbones.lm_dir) == lm_before
+    assert _mtimes(offline_backbones.lm_dir) == lm_before
     leftovers = sorted(p.name for p in tmp_path.iterdir())
-    assert leftovers == sorted([vision.name, backbones.lm_dir.name])  # no temporary folders
+    assert leftovers == sorted([vision.name, offline_backbones.lm_dir.name])  # no temporary folders
 
 
 def test_atomic_dir_leaves_nothing_when_the_body_raises(tmp_path):
@@ -110,8 +111,8 @@ def test_missing_or_foreign_checkpoint_errors_say_what_to_do(tmp_path):
         sources.load_state_dict(tmp_path / "model.pt")
 
 
-def test_folder_listing_and_human_size(backbones):
-    listing = dict(fsutil.folder_listing(backbones.vision_dir))
+def test_folder_listing_and_human_size(offline_backbones):
+    listing = dict(fsutil.folder_listing(offline_backbones.vision_dir))
     assert listing["pytorch_model.bin"] > 300e6  # ViT-B/32 in fp32 plus a shallow text half
     sizes = [fsutil.human_size(n) for n in (999, 1000, 1_234_567, 2.2e9)]
     assert sizes == ["999 B", "1.0 kB", "1.2 MB", "2.2 GB"]

@@ -42,7 +42,7 @@ def _edited(tmp_path, src, edit, name):
     return path
 
 
-def test_offline_text_logits_equal_the_source_lm(built, source_lm):
+def test_text_logits_equal_the_source_lm(built, source_lm):
     model, processor = built
     for text in ("A red circle above a blue square.", "USER: What colour is the circle? ASSISTANT:"):
         ids = processor.tokenizer(text, return_tensors="pt").input_ids  # no <pad>: the source LM lacks it
@@ -57,8 +57,12 @@ def test_only_the_projector_trains_after_freeze(built):
     parts = surgery.parameters_by_part(model)
     assert counts["trainable"] == parts["projector"]["total"] == parts["projector"]["trainable"]
     assert counts["total"] == sum(p["total"] for p in parts.values())
-    assert parts["lm_head"]["total"] == 0  # SmolLM2 ties its head to the embeddings, even after resizing
-    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    shared = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    if model.config.text_config.tie_word_embeddings:  # SmolLM2: the head is the embeddings, even after resizing
+        assert parts["lm_head"]["total"] == 0 and shared
+    else:  # TinyLlama: a head of its own, frozen, with as many rows as the embeddings
+        assert parts["lm_head"]["trainable"] == 0 and not shared
+        assert model.lm_head.weight.shape == model.get_input_embeddings().weight.shape
 
 
 def test_t4_parameter_count_from_config():

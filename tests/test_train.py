@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, LlamaModel, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, LlamaModel, LlavaForConditionalGeneration
 
 from llava_nb import config, data, memory, plots, surgery, synthetic, train
 from llava_nb.fsutil import write_manifest
@@ -20,10 +20,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """Offline model, short samples, batch 1 x accumulation 2 (a step reads 2 samples), a save every step."""
+def tiny(profile):
+    """The profile under test, short samples, batch 1 x accumulation 2 (a step reads 2 samples), a save every step."""
     return config.get_profile(
-        "offline", data=dict(max_length=160),
+        profile.name, data=dict(max_length=160),
         stage1=dict(max_steps=3, per_device_train_batch_size=1, gradient_accumulation_steps=2, save_steps=1,
                     eval_samples=0, logging_steps=1),
         stage2=dict(max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=1, save_steps=1,
@@ -139,7 +139,8 @@ print("ok")
 
 def test_stage1_export_keeps_the_language_model_exact(stage1, source_lm):
     model = LlavaForConditionalGeneration.from_pretrained(stage1.export_dir).eval()
-    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30, 2]])
+    processor = AutoProcessor.from_pretrained(stage1.export_dir)
+    ids = processor.tokenizer("USER: What colour is the circle? ASSISTANT: Red.", return_tensors="pt").input_ids
     assert train.read_summary(stage1.export_dir)["stage"] == 1
     assert stage1.metrics["steps"] == 3
     assert model.config.text_config.use_cache
@@ -151,7 +152,11 @@ def test_stage2_changes_only_the_projector_and_lora_targets(stage1, tiny, tmp_pa
     p = run.parameters
     assert p["vision_tower"]["trainable"] == 0 and p["lm_head"]["trainable"] == 0
     assert p["projector"]["trainable"] == p["projector"]["total"]
-    assert 0 < p["language_model"]["trainable"] < p["language_model"]["total"] // 10  # LoRA only
+    # LoRA only: r x (in + out) for every linear layer of the language model, nothing else
+    llava = LlavaForConditionalGeneration.from_pretrained(stage1.export_dir)
+    linears = [m for m in llava.model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    r = tiny.stage2.lora_r
+    assert p["language_model"]["trainable"] == sum(r * (m.in_features + m.out_features) for m in linears)
     assert any("eval_loss" in e for e in run.log_history)
     # compare as transformers loads them (the file itself uses the hub's legacy key names)
     before = LlavaForConditionalGeneration.from_pretrained(stage1.export_dir).state_dict()

@@ -1,0 +1,37 @@
+"""Set-up shared by `tests/` and `notebooks/` (`pytest --nbmake tests notebooks`).
+
+The profile under test is `$LLAVA_NB_PROFILE`, `offline` by default. For `t4`, the session serves small
+twins of TinyLlama, CLIP and llava-instruct-mix-vsft under their hub ids on 127.0.0.1
+(`llava_nb.twins`, `llava_nb.hub_server`) and points `HF_ENDPOINT` there, with an empty hub cache in a
+temporary folder: `snapshot_download` and `load_dataset(..., streaming=True)` download and stream as they
+do on Colab. Notebook kernels inherit the environment, so they see the same hub.
+"""
+
+import os
+import tempfile
+
+os.environ["LLAVA_NB_IN_TEST"] = "1"  # notebooks and commands started from tests use test budgets
+
+
+def pytest_configure(config):
+    if os.environ.get("LLAVA_NB_PROFILE") != "t4":
+        return
+    # Before anything imports huggingface_hub or datasets: both read these once, at import.
+    from llava_nb import config as cfg, hub_server, twins
+
+    server = hub_server.serve(twins.twins_dir())
+    url = server.__enter__()
+    config._hub_twins = server
+    home = tempfile.mkdtemp(prefix="llava_nb-hf-home-")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
+                 "HF_DATASETS_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        os.environ.pop(name, None)
+    os.environ.update({"HF_ENDPOINT": url, "HF_HOME": home, "HF_HUB_DISABLE_TELEMETRY": "1",
+                       cfg.WEB_MIRROR_ENV: url})
+    twins.write_twins()
+
+
+def pytest_unconfigure(config):
+    server = getattr(config, "_hub_twins", None)
+    if server is not None:
+        server.__exit__(None, None, None)

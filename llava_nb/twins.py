@@ -1,0 +1,229 @@
+"""Small, seeded twins of the three hub repos the `t4` profile names, for tests without the hub.
+
+Each twin has its repo's file set and conventions, at a size a CPU trains in seconds:
+
+- `TinyLlama/TinyLlama-1.1B-Chat-v1.0`: a LlamaForCausalLM (untied head, bos 1, eos 2) with a
+  SentencePiece BPE tokenizer trained here with byte fallback (`tokenizer.model` and its
+  `tokenizer.json`), and `tokenizer_config.json` / `special_tokens_map.json` with the fields of the
+  published files: `LlamaTokenizer`, `add_bos_token: true`, `legacy: false`, pad `</s>`, the
+  Zephyr-style chat template.
+- `openai/clip-vit-base-patch32`: a full CLIPModel as `pytorch_model.bin` (both towers, the hub's key
+  names), 32-pixel patches at 224 px (49 patch tokens), narrow and shallow; the published
+  `preprocessor_config.json` in its old feature-extractor form.
+- `HuggingFaceH4/llava-instruct-mix-vsft`: parquet shards under `data/` with the dataset card's
+  `configs`, `train` and `test` splits: conversations of 1-10 exchanges, replies of a few words to a few
+  hundred, some longer than `max_length`, JPEG images of varied sizes and modes, a damaged image.
+
+`write_twins()` writes them once under the cache (atomically); `llava_nb.hub_server` serves them under
+their hub ids, so `snapshot_download` and `load_dataset(..., streaming=True)` run as on Colab.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import config as cfg
+from .fsutil import atomic_dir, is_complete
+
+TWIN_VERSION = 1  # bump when a twin's content changes: the cache folder is rebuilt
+LM_REPO = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+VISION_REPO = "openai/clip-vit-base-patch32"
+DATA_REPO = "HuggingFaceH4/llava-instruct-mix-vsft"
+
+# TinyLlama-1.1B-Chat-v1.0's chat template, as its tokenizer_config.json publishes it (Zephyr's format).
+TINYLLAMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+_SPECIAL = {"0": "<unk>", "1": "<s>", "2": "</s>"}
+
+WORDS = (
+    "a the of and in on with to is are there this that picture image photo shows man woman people dog cat "
+    "street car bus train table kitchen room window tree sky cloud water beach boat bird horse field grass "
+    "red blue green yellow white black brown small large old young two three four many some one left right "
+    "front behind near next under over standing sitting walking holding wearing looking playing eating "
+    "what where how why who which color colour shape count side object scene describe detail background "
+    "foreground light dark sunny cloudy food plate pizza cake fruit banana apple phone laptop book chair "
+    "sign building city road bicycle person group child children game ball field snow mountain river"
+).split()
+QUESTIONS = ("What is shown in the image?", "Describe the scene in detail.", "How many people are there?",
+             "What colour is the car?", "Where is the dog?", "What is the man holding?",
+             "Is it sunny or cloudy?", "What could happen next?")
+
+
+def twins_dir() -> Path:
+    """Where the twins live: `<cache>/hub-twins-v<N>/{models,datasets}/<owner>/<name>`."""
+    return cfg.cache_dir() / f"hub-twins-v{TWIN_VERSION}"
+
+
+def write_twins(root: Path | None = None) -> Path:
+    """Write the three twins once (about 10 s), atomically; returns the folder `hub_server` serves."""
+    root = twins_dir() if root is None else Path(root)
+    if is_complete(root):
+        return root
+    with atomic_dir(root) as tmp:
+        rng = np.random.default_rng(0)
+        corpus = [_sentence(rng, 4, 30) for _ in range(3000)]
+        write_tinyllama(tmp / "models" / LM_REPO, corpus)
+        write_clip(tmp / "models" / VISION_REPO)
+        write_vsft(tmp / "datasets" / DATA_REPO, rng)
+        write_web_images(tmp / "web", rng)
+    return root
+
+
+# ------------------------------------------------------------------------------------------ TinyLlama
+
+
+def write_tinyllama(folder: Path, corpus: list[str], *, seed: int = 0) -> None:
+    """A 2-layer LlamaForCausalLM with TinyLlama's conventions and a SentencePiece BPE tokenizer."""
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    from .processing import SYSTEM_PROMPT
+
+    folder.mkdir(parents=True)
+    lines = corpus + [SYSTEM_PROMPT, "USER: ASSISTANT: <|user|> <|assistant|> <|system|>", *QUESTIONS]
+    # Llama's SentencePiece settings: BPE, byte fallback, digits split, a dummy prefix, no normalisation.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), model_type="bpe",
+        vocab_size=1000, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, num_threads=1,
+        train_extremely_large_corpus=False, minloglevel=2,
+    )
+    (folder / "tokenizer.vocab").unlink()
+    tokenizer_config = {
+        "add_bos_token": True, "add_eos_token": False,
+        "added_tokens_decoder": {i: {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                     "single_word": False, "special": True} for i, t in _SPECIAL.items()},
+        "bos_token": "<s>", "chat_template": TINYLLAMA_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>", "legacy": False, "model_max_length": 2048, "pad_token": "</s>",
+        "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>", "use_default_system_prompt": False,
+    }
+    _write_json(folder / "tokenizer_config.json", tokenizer_config)
+    # tokenizer.json as transformers converts it from tokenizer.model (what the hub repo ships beside it)
+    tokenizer = LlamaTokenizer.from_pretrained(folder)
+    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    token = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    _write_json(folder / "special_tokens_map.json",
+                {"bos_token": {"content": "<s>", **token}, "eos_token": {"content": "</s>", **token},
+                 "pad_token": {"content": "</s>", **token}, "unk_token": {"content": "<unk>", **token}})
+    _write_json(folder / "tokenizer_config.json", tokenizer_config)  # as published, not as re-saved
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, hidden_act="silu",
+        initializer_range=0.02, attention_bias=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)  # config.json, generation_config.json, model.safetensors
+    _write_json(folder / "generation_config.json",
+                {"bos_token_id": 1, "eos_token_id": 2, "max_length": 2048, "pad_token_id": 0})
+
+
+def write_web_images(folder: Path, rng: np.random.Generator) -> None:
+    """Stand-ins for the web images the t4 notebooks and evaluation fetch (Mona Lisa, ...), by URL path."""
+    import urllib.parse
+
+    from .evaluate import T4_IMAGES
+    from .infer import MONA_LISA_URL
+
+    for url in {MONA_LISA_URL, *(u for u, _, _ in T4_IMAGES)}:
+        parts = urllib.parse.urlsplit(url)
+        path = folder / parts.netloc / parts.path.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_jpeg(rng))
+
+
+# ------------------------------------------------------------------------------------------------ CLIP
+
+
+def write_clip(folder: Path, *, seed: int = 0) -> None:
+    """A CLIPModel with ViT-B/32's patching (224 px, 32 px patches) and a 64-wide, 2-layer vision tower."""
+    from .sources import write_random_clip
+
+    folder.mkdir(parents=True)
+    write_random_clip(folder, vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=2, projection_dim=32),
+                      text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1), seed=seed)
+    # openai/clip-vit-base-patch32 publishes the old feature-extractor form of the image settings.
+    _write_json(folder / "preprocessor_config.json", {
+        "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
+    })
+
+
+# ------------------------------------------------------------------------------- llava-instruct-mix-vsft
+
+
+def write_vsft(folder: Path, rng: np.random.Generator, *, n_train: int = 96, n_test: int = 24) -> None:
+    """Parquet shards `data/{split}-0000i-of-0000n.parquet` and the dataset card, in the hub's schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .synthetic import FEATURES
+
+    (folder / "data").mkdir(parents=True)
+    for split, n, shards in (("train", n_train, 2), ("test", n_test, 1)):
+        rows = [vsft_row(rng, damaged=(split == "train" and i == 5)) for i in range(n)]
+        per_shard = -(-n // shards)
+        for s in range(shards):
+            table = pa.Table.from_pylist(rows[s * per_shard:(s + 1) * per_shard], schema=FEATURES.arrow_schema)
+            pq.write_table(table, folder / "data" / f"{split}-{s:05d}-of-{shards:05d}.parquet")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
+        "  - split: test\n    path: data/test-*\n---\n# Twin of HuggingFaceH4/llava-instruct-mix-vsft (llava_nb.twins)\n")
+
+
+def vsft_row(rng: np.random.Generator, *, damaged: bool = False) -> dict:
+    """One conversation about one JPEG: 1-10 exchanges (mostly few), replies of 2 to ~300 words."""
+    n_turns = int(rng.choice([1, 1, 1, 2, 3, 5, 10]))
+    messages = []
+    for turn in range(n_turns):
+        question = QUESTIONS[int(rng.integers(len(QUESTIONS)))]
+        content = [{"index": None, "text": question, "type": "text"}]
+        if turn == 0:  # the image comes before or after the question text, as in the real data
+            image_item = {"index": 0, "text": None, "type": "image"}
+            content = [image_item, *content] if rng.random() < 0.7 else [*content, image_item]
+        messages.append({"role": "user", "content": content})
+        long_reply = rng.random() < 0.1
+        reply = _sentence(rng, 150, 300) if long_reply else _sentence(rng, 2, 40)
+        messages.append({"role": "assistant", "content": [{"index": None, "text": reply, "type": "text"}]})
+    payload = b"\xff\xd8\xff\xe0 not a whole JPEG" if damaged else _jpeg(rng)
+    return {"messages": messages, "images": [{"bytes": payload, "path": None}]}
+
+
+def _jpeg(rng: np.random.Generator) -> bytes:
+    from PIL import Image
+
+    width, height = int(rng.integers(64, 640)), int(rng.integers(64, 480))
+    mode = ["RGB", "RGB", "L", "CMYK"][int(rng.integers(4))]
+    pixels = rng.integers(0, 256, size=(height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).resize((width, height)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _sentence(rng: np.random.Generator, low: int, high: int) -> str:
+    words = [WORDS[int(i)] for i in rng.integers(len(WORDS), size=int(rng.integers(low, high + 1)))]
+    text = " ".join(words)
+    if rng.random() < 0.3:
+        text += f" {int(rng.integers(0, 2000))}"
+    return text[0].upper() + text[1:] + "."
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
