@@ -175,11 +175,18 @@ def _generate_kwargs(processor, max_new_tokens: int, kwargs: dict) -> dict:
 
 
 @torch.inference_mode()
+def generate_ids(model, processor, inputs, max_new_tokens: int = MAX_NEW_TOKENS, **kwargs) -> torch.Tensor:
+    """`model.generate` on encoded inputs with this project's defaults (greedy, the KV cache, the pad token):
+    the prompt's ids followed by the new ones."""
+    return model.generate(**inputs, **_generate_kwargs(processor, max_new_tokens, kwargs))
+
+
+@torch.inference_mode()
 def generate(model, processor, conversations: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]],
              max_new_tokens: int = MAX_NEW_TOKENS, **kwargs) -> list[str]:
     """Replies to a batch of conversations in one `generate` call (greedy by default), stripped."""
     inputs = encode(processor, conversations, images, model)
-    out = model.generate(**inputs, **_generate_kwargs(processor, max_new_tokens, kwargs))
+    out = generate_ids(model, processor, inputs, max_new_tokens, **kwargs)
     new_tokens = out[:, inputs["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 

@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 
+import pytest
 import torch
 
 from llava_nb import bench, data, sources
@@ -32,23 +33,35 @@ def _finite_positive(x):
 
 
 def test_bench_tiny_budget(backbones, capsys):
-    summary = bench.main(["--configs", "tutorial,project", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-                          "--max-new-tokens", "2", "--gen-batch-size", "2", "--_in-process"])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last) == json.loads(json.dumps(summary))
+    summary = bench.main(["--configs", "tutorial,tutorial_fp32,project", "--steps", "1", "--warmup", "0",
+                          "--batch-size", "2", "--max-new-tokens", "2", "--gen-batch-size", "2", "--in-process"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert {"train_speedup_vs_tutorial", "peak_rss_ratio_vs_tutorial", "baseline_precision", "ran_first",
+            "train", "generation", "machine"} <= set(json.loads(out[-1]))
+    table = "\n".join(out[:-1])
+    assert all(f"| {name} |" in table for name in ("tutorial", "tutorial_fp32", "project"))
     for key in ("train_speedup_vs_tutorial", "peak_rss_ratio_vs_tutorial"):
         assert _finite_positive(summary[key]), (key, summary[key])
-    for name in ("tutorial", "project"):
-        r = summary["train"][name]
-        assert r["timed_steps"] == 1
-        for key in ("samples_per_s", "tokens_per_s", "supervised_tokens_per_s", "peak_rss_mb"):
-            assert _finite_positive(r[key]), (name, key, r[key])
-    assert summary["train"]["tutorial"]["supervised_fraction"] == 1.0
-    assert summary["train"]["project"]["supervised_fraction"] < 0.5
-    assert summary["train"]["project"]["fast_loss"] and not summary["train"]["tutorial"]["fast_loss"]
-    assert not summary["train"]["tutorial"]["bf16"]
-    assert summary["train"]["project"]["bf16"] == summary["machine"]["cpu_bf16_supported"]
+    train = summary["train"]
+    for name in ("tutorial", "tutorial_fp32", "project"):
+        assert train[name]["timed_steps"] == 1
+        for key in ("samples_per_s", "tokens_per_s", "supervised_tokens_per_s", "train_peak_rss_mb"):
+            assert _finite_positive(train[name][key]), (name, key, train[name][key])
+    # the baseline is the tutorial in the machine's mixed precision; the fp32 run is an extra row
+    assert summary["baseline_precision"] == train["tutorial"]["precision"] == train["project"]["precision"]
+    assert summary["baseline_precision"] in ("bf16", "fp16", "fp32") and train["tutorial_fp32"]["precision"] == "fp32"
+    assert summary["ran_first"] == "tutorial"
+    assert train["tutorial"]["supervised_fraction"] == 1.0 > 0.5 > train["project"]["supervised_fraction"]
+    assert train["project"]["fast_loss"] and not train["tutorial"]["fast_loss"]
     for bs in (1, 2):
         g = summary["generation"][f"batch{bs}"]
         assert g["new_tokens"] == 2 * bs and _finite_positive(g["tokens_per_s"])
-    assert summary["machine"]["cores"] >= 1 and summary["machine"]["torch"]
+
+
+def test_a_job_travels_to_its_subprocess_as_json(backbones):
+    job = bench.Settings(max_new_tokens=2, gen_batch_size=2).job("generate")
+    assert bench.Job.from_json(job.to_json()) == job
+    result = bench._in_subprocess(job)  # python -m llava_nb.bench --job, the JSON on its stdin
+    assert result["batch2"]["new_tokens"] == 4 and result["max_new_tokens"] == 2
+    with pytest.raises(RuntimeError, match="unknown_config"):
+        bench._in_subprocess(bench.Job(config="unknown_config"))

@@ -1,0 +1,59 @@
+"""Where and in what precision the model runs, and how much memory a process has used.
+
+- GPU (a T4): frozen weights in fp16 (a T4 has no bfloat16), fp16 autocast with loss scaling in training;
+- CPU: fp32 weights; bf16 autocast in training where the processor has bf16 matrix instructions.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """fp16 on a GPU (a T4 has no bfloat16), fp32 on the CPU (fp16 matmuls there are slow or missing)."""
+    device = default_device() if device is None else torch.device(device)
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU runs bf16 matrix products natively (AVX-512 BF16 or AMX), via oneDNN."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (ru_maxrss), in MB (Linux reports kB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1024
+
+
+def status_mb(field_name: str) -> float | None:
+    """A memory field of /proc/self/status in MB (VmRSS: now, VmHWM: the peak), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Linux >= 4.0: reset VmHWM (the peak RSS) to the current RSS, so a later read covers what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
