@@ -154,9 +154,11 @@ def stage_model(profile: cfg.Profile, stage: int, *, init_from: str | os.PathLik
 
 
 def base_model(model: nn.Module) -> LlavaForConditionalGeneration:
-    """The LlavaForConditionalGeneration inside a peft wrapper (or the model itself)."""
+    """The LlavaForConditionalGeneration inside its wrappers: accelerate's (DDP, torch.compile, ...) and peft's."""
+    from accelerate.utils import extract_model_from_parallel
     from peft import PeftModel
 
+    model = extract_model_from_parallel(model)
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -314,20 +316,28 @@ class LlavaTrainer(Trainer):
         if not self.fast_loss or return_outputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        labels = inputs["labels"]
-        llava = base_model(model)
-        targets = labels[:, 1:]
+        targets = inputs["labels"][:, 1:]
         supervised = targets != data.IGNORE_INDEX  # position t predicts token t + 1
-        # accelerate applies fp16/bf16 autocast around model.forward; these calls go around it
-        with self.accelerator.autocast():
-            hidden = llava.model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
-            logits = llava.lm_head(hidden[:, :-1][supervised]).float()
+        # The call goes through `model` as Trainer wrapped it, so that DDP synchronises the gradients and
+        # accelerate's autocast applies; a pre-hook hands the LM head the supervised positions only,
+        # (batch, seq, hidden) -> (n_supervised, hidden), so the logits come back as (n_supervised, vocab).
+        def keep_supervised(_head: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+            return (args[0][:, :-1][supervised],)
+
+        hook = base_model(model).lm_head.register_forward_pre_hook(keep_supervised)
+        try:
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+        finally:
+            hook.remove()
         loss = nn.functional.cross_entropy(logits, targets[supervised], reduction="sum")
         if num_items_in_batch is None:
             return loss / supervised.sum().clamp(min=1)
-        loss = loss / num_items_in_batch  # tokens over the accumulated batches, as the model's loss does
+        # num_items_in_batch: supervised tokens in the accumulated batches, of every process when
+        # average_tokens_across_devices (Trainer gathers the count). DDP averages the gradients over the
+        # processes, so scale back by their number, as Trainer.compute_loss does: the global batch's mean.
+        loss = loss / num_items_in_batch
         if self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for loss kwargs
+            loss = loss * self.accelerator.num_processes
         return loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -573,7 +583,10 @@ def train(
     if resume_from is not None:
         step0, start = checkpoint_step(resume_from), read_position(resume_from)
 
-    source = dataset or sources.prepare_dataset(profile)
+    with args.main_process_first(desc="preparing the sources"):  # one writer per machine, the others wait
+        source = dataset or sources.prepare_dataset(profile)
+        if stage == 1:
+            sources.prepare_backbones(profile)
     model, processor = stage_model(profile, stage, init_from=init_from, seed=seed)
     parameters = surgery.parameters_by_part(base_model(model))
     collator = data.LlavaCollator(processor, max_length=profile.data.max_length)
