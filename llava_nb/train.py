@@ -154,7 +154,7 @@ def stage_model(profile: cfg.Profile, stage: int, *, init_from: str | os.PathLik
 
 
 def base_model(model: nn.Module) -> LlavaForConditionalGeneration:
-    """The LlavaForConditionalGeneration inside its wrappers: accelerate's (DDP, torch.compile, ...) and peft's."""
+    """The LlavaForConditionalGeneration inside accelerate's wrappers (DDP, torch.compile) and peft's."""
     from accelerate.utils import extract_model_from_parallel
     from peft import PeftModel
 

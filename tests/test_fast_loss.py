@@ -44,5 +44,5 @@ def test_fast_loss_gradients_equal_model_loss_gradients(built, batch, tmp_path):
     # autograd.grad leaves .grad alone: the session's model stays as built
     a = torch.autograd.grad(fast.compute_loss(model, dict(batch)), projector)
     b = torch.autograd.grad(slow.compute_loss(model, dict(batch)), projector)
-    for ga, gb in zip(a, b):
+    for ga, gb in zip(a, b, strict=True):
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-7)
