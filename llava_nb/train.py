@@ -8,10 +8,14 @@ model's linear layers, and exports with the adapter merged. A run's folders, und
     stage1-checkpoints/     checkpoint-N: trainable tensors, optimizer, scheduler, RNG and trainer state
     stage2/, stage2-checkpoints/
 
-Command line: `python -m llava_nb.train --help`. Several processes (GPUs, or CPUs over gloo):
-`accelerate launch --multi_gpu --num_processes 2 -m llava_nb.train ...`; each process reads the stream
-and keeps its slice of every batch (accelerate's IterableDatasetShard). `accelerate launch --cpu` starts
-one process only, unless accelerate is configured for MPI.
+Command line: `python -m llava_nb.train --help`. The same command runs as several processes, one DDP group
+(NCCL on GPUs, gloo on CPUs): `accelerate launch --multi_gpu --num_processes N -m llava_nb.train ...` or
+`torchrun --nproc_per_node N -m llava_nb.train ...`. Each process reads the stream and keeps its slice of
+every batch (accelerate's IterableDatasetShard), so a step reads batch x accumulation x N samples; the loss
+is the mean over all of them and DDP averages the gradients. The main process alone writes checkpoints
+(every process adds its RNG state) and the export; --resume continues a run with the same N.
+`accelerate launch --cpu` starts one process only, unless accelerate is configured for MPI; on CPUs use
+--multi_gpu as above (with `CUDA_VISIBLE_DEVICES=` on a machine that has GPUs).
 """
 
 from __future__ import annotations
