@@ -353,6 +353,17 @@ class LlavaTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_trainable(model if model is not None else self.model, resume_from_checkpoint)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # Several CPU processes: transformers 5.15 (Colab's) loads the optimizer state onto args.device,
+        # 'cpu:<i>', which torch.load cannot restore to ("don't know how to restore data location"); newer
+        # versions load it onto 'cpu', as here. Both files exist: Trainer's own save wrote them.
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+        for name, state in ((OPTIMIZER_NAME, self.optimizer), (SCHEDULER_NAME, self.lr_scheduler)):
+            state.load_state_dict(torch.load(Path(checkpoint) / name, map_location="cpu", weights_only=True))
+
     def _get_output_dir(self, trial: Any) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 

@@ -33,7 +33,7 @@ TINY = dict(
 # Projector after 3 steps, 1 process vs 2: the batches are padded to other lengths and the gradients summed in
 # another order. Measured: 5e-7 at most, where one step moves the weights by ~3e-3 (lr 5e-3).
 ATOL = 1e-5
-TIMEOUT = 600  # seconds for one launch (the two take ~80 s together on 2 cores)
+TIMEOUT = 600  # seconds for one launch; the two take about a minute together on 2 cores
 
 
 def free_port() -> int:
