@@ -8,10 +8,14 @@ model's linear layers, and exports with the adapter merged. A run's folders, und
     stage1-checkpoints/     checkpoint-N: trainable tensors, optimizer, scheduler, RNG and trainer state
     stage2/, stage2-checkpoints/
 
-Command line: `python -m llava_nb.train --help`. Several processes (GPUs, or CPUs over gloo):
-`accelerate launch --multi_gpu --num_processes 2 -m llava_nb.train ...`; each process reads the stream
-and keeps its slice of every batch (accelerate's IterableDatasetShard). `accelerate launch --cpu` starts
-one process only, unless accelerate is configured for MPI.
+Command line: `python -m llava_nb.train --help`. The same command runs as several processes, one DDP group
+(NCCL on GPUs, gloo on CPUs): `accelerate launch --multi_gpu --num_processes N -m llava_nb.train ...` or
+`torchrun --nproc_per_node N -m llava_nb.train ...`. Each process reads the stream and keeps its slice of
+every batch (accelerate's IterableDatasetShard), so a step reads batch x accumulation x N samples; the loss
+is the mean over all of them and DDP averages the gradients. The main process alone writes checkpoints
+(every process adds its RNG state) and the export; --resume continues a run with the same N.
+`accelerate launch --cpu` starts one process only, unless accelerate is configured for MPI; on CPUs use
+--multi_gpu as above (with `CUDA_VISIBLE_DEVICES=` on a machine that has GPUs).
 """
 
 from __future__ import annotations
@@ -154,9 +158,11 @@ def stage_model(profile: cfg.Profile, stage: int, *, init_from: str | os.PathLik
 
 
 def base_model(model: nn.Module) -> LlavaForConditionalGeneration:
-    """The LlavaForConditionalGeneration inside a peft wrapper (or the model itself)."""
+    """The LlavaForConditionalGeneration inside accelerate's wrappers (DDP, torch.compile) and peft's."""
+    from accelerate.utils import extract_model_from_parallel
     from peft import PeftModel
 
+    model = extract_model_from_parallel(model)
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -314,20 +320,28 @@ class LlavaTrainer(Trainer):
         if not self.fast_loss or return_outputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        labels = inputs["labels"]
-        llava = base_model(model)
-        targets = labels[:, 1:]
+        targets = inputs["labels"][:, 1:]
         supervised = targets != data.IGNORE_INDEX  # position t predicts token t + 1
-        # accelerate applies fp16/bf16 autocast around model.forward; these calls go around it
-        with self.accelerator.autocast():
-            hidden = llava.model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
-            logits = llava.lm_head(hidden[:, :-1][supervised]).float()
+        # The call goes through `model` as Trainer wrapped it, so that DDP synchronises the gradients and
+        # accelerate's autocast applies; a pre-hook hands the LM head the supervised positions only,
+        # (batch, seq, hidden) -> (n_supervised, hidden), so the logits come back as (n_supervised, vocab).
+        def keep_supervised(_head: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+            return (args[0][:, :-1][supervised],)
+
+        hook = base_model(model).lm_head.register_forward_pre_hook(keep_supervised)
+        try:
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+        finally:
+            hook.remove()
         loss = nn.functional.cross_entropy(logits, targets[supervised], reduction="sum")
         if num_items_in_batch is None:
             return loss / supervised.sum().clamp(min=1)
-        loss = loss / num_items_in_batch  # tokens over the accumulated batches, as the model's loss does
+        # num_items_in_batch: supervised tokens in the accumulated batches, of every process when
+        # average_tokens_across_devices (Trainer gathers the count). DDP averages the gradients over the
+        # processes, so scale back by their number, as Trainer.compute_loss does: the global batch's mean.
+        loss = loss / num_items_in_batch
         if self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for loss kwargs
+            loss = loss * self.accelerator.num_processes
         return loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -338,6 +352,17 @@ class LlavaTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_trainable(model if model is not None else self.model, resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # Several CPU processes: transformers 5.15 (Colab's) loads the optimizer state onto args.device,
+        # 'cpu:<i>', which torch.load cannot restore to ("don't know how to restore data location"); newer
+        # versions load it onto 'cpu', as here. Both files exist: Trainer's own save wrote them.
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+        for name, state in ((OPTIMIZER_NAME, self.optimizer), (SCHEDULER_NAME, self.lr_scheduler)):
+            state.load_state_dict(torch.load(Path(checkpoint) / name, map_location="cpu", weights_only=True))
 
     def _get_output_dir(self, trial: Any) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
@@ -573,7 +598,10 @@ def train(
     if resume_from is not None:
         step0, start = checkpoint_step(resume_from), read_position(resume_from)
 
-    source = dataset or sources.prepare_dataset(profile)
+    with args.main_process_first(desc="preparing the sources"):  # one writer per machine, the others wait
+        source = dataset or sources.prepare_dataset(profile)
+        if stage == 1:
+            sources.prepare_backbones(profile)
     model, processor = stage_model(profile, stage, init_from=init_from, seed=seed)
     parameters = surgery.parameters_by_part(base_model(model))
     collator = data.LlavaCollator(processor, max_length=profile.data.max_length)
