@@ -72,7 +72,10 @@ def test_colab_setup_installs_no_test_tools():
     assert not re.search(r"\b(pytest|nbmake|playwright|nbclient)\b", script)
 
 
-def run_bootstrap(tmp_path: Path, env: dict[str, str], repo: str = colab.GITHUB_REPO) -> subprocess.CompletedProcess:
+UNSET = f"{colab.PLACEHOLDER_OWNER}/llava-on-a-budget"  # REPO before the repository is published
+
+
+def run_bootstrap(tmp_path: Path, env: dict[str, str], repo: str = UNSET) -> subprocess.CompletedProcess:
     """The first cell as a script, in a folder that is not a checkout, with a `git` that only records."""
     (tmp_path / "bin").mkdir(exist_ok=True)
     git = tmp_path / "bin" / "git"
