@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-GITHUB_REPO = "OWNER/llava-on-a-budget"  # the published repository: set with `python -m llava_nb.colab --repo`
+GITHUB_REPO = "OWNER/llava-on-a-budget"  # the published repository: `python -m llava_nb.colab --repo` sets it
 GITHUB_BRANCH = "main"  # the branch the badges open
 PLACEHOLDER_OWNER = "OWNER"  # GITHUB_REPO's owner until the repository is published
 NOTEBOOKS = "notebooks"
@@ -49,7 +49,7 @@ if IN_COLAB and not os.path.isdir("llava_nb") and not os.path.isdir(HOME):  # fi
             raise SystemExit("Which GitHub repository holds these notebooks? Type it as owner/name into "
                              "REPO in this cell's form, then run the cell again.") from None
     if subprocess.run(["git", "clone", "--depth=1", f"https://github.com/{{REPO.strip()}}", HOME]).returncode:
-        raise SystemExit(f"git clone https://github.com/{{REPO.strip()}} failed: check REPO in this cell's form.")
+        raise SystemExit(f"git clone https://github.com/{{REPO.strip()}} failed: check REPO in the form.")
 if IN_COLAB and not os.path.isdir("llava_nb"):  # not yet inside the checkout
     os.chdir(HOME)
     subprocess.run(["bash", "colab_setup.sh"], check=True)

@@ -29,9 +29,8 @@ from . import config as cfg
 DRIVE = Path("/content/drive")  # where Colab mounts Google Drive
 DRIVE_FOLDER = "llava_nb"  # under MyDrive: run folders and the hub cache
 HUB_CACHE_FOLDER = "hub-cache"  # under DRIVE_FOLDER: what HF_HUB_CACHE points at while Drive is used
-OUTPUTS_ENV = "LLAVA_NB_OUTPUTS"  # overrides where run folders go (the notebook tests point it at a temp folder)
-EXPORT_NAMES = ("stage2", "stage1", "short")  # exports in a run folder: notebook 05's stages, notebooks 06/07's stopgap
-T4_BACKBONES_GB = 2.8  # TinyLlama (2.2 GB) + CLIP (0.6 GB): what a runtime without the Drive cache fetches
+OUTPUTS_ENV = "LLAVA_NB_OUTPUTS"  # overrides where run folders go (the notebook tests: a temporary one)
+EXPORT_NAMES = ("stage2", "stage1", "short")  # a run folder's exports (short: notebooks 06/07's stopgap)
 
 _test_outputs: Path | None = None
 
@@ -60,7 +59,7 @@ def outputs_root(profile: cfg.Profile) -> Path:
 
 
 def run_dir(profile: cfg.Profile) -> Path:
-    """Where a profile's stages go: `<outputs_root>/<profile>`, holding stage1/, stage2/ and their checkpoints."""
+    """Where a profile's stages go: `<outputs_root>/<profile>`, with stage1/, stage2/ and their checkpoints."""
     return outputs_root(profile) / profile.name
 
 
@@ -91,10 +90,11 @@ def mount_drive() -> bool:
             drive.mount(str(DRIVE))
         except Exception as e:  # declined, timed out, or no Drive for this account
             warnings.warn(
-                f"Google Drive is not mounted ({type(e).__name__}: {e}). Run folders and the hub download cache "
-                f"stay on this runtime's local disk, which a disconnect or runtime reset erases: checkpoints "
-                f"and exports are lost, and the next runtime downloads the backbones again (about "
-                f"{T4_BACKBONES_GB} GB for t4). To keep them, run this cell again and allow access to Drive.",
+                f"Google Drive is not mounted ({type(e).__name__}: {e}). Run folders and the hub download "
+                f"cache stay on this runtime's local disk, which a disconnect or runtime reset erases: "
+                f"checkpoints and exports are lost, and the next runtime downloads the backbones again "
+                f"(TinyLlama and CLIP, 2.8 GB, for t4). To keep them, run this cell again and allow access "
+                f"to Drive.",
                 stacklevel=2)
             return False
     return drive_home() is not None

@@ -76,7 +76,7 @@ def launch_chromium(playwright) -> tuple[object | None, list[str]]:
 
 
 def install_chromium() -> list[str]:
-    """Install a Chromium: Debian's package when apt-get may run, else Playwright's download. Returns a log."""
+    """Install a Chromium: Debian's package when apt-get may run, else Playwright's. Returns a log."""
     log = []
 
     def run(command: list[str]) -> bool:
@@ -107,14 +107,15 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("playwright is missing: pip install -r requirements-dev.txt (it drives the system Chromium)")
+        pytest.fail("playwright is missing: pip install -r requirements-dev.txt (it drives Chromium)")
     with sync_playwright() as p:
         browser, tried = launch_chromium(p)
         if browser is None:
             installed = install_chromium()
             browser, tried_again = launch_chromium(p)
             if browser is None:
-                pytest.fail("no Chromium starts for the demo test. Tried:\n  " + "\n  ".join(tried + tried_again)
+                pytest.fail("no Chromium starts for the demo test. Tried:\n  "
+                            + "\n  ".join(tried + tried_again)
                             + "\nInstalling one:\n  " + "\n  ".join(installed)
                             + "\nFix: `sudo apt-get install -y chromium` (Debian), or `python -m playwright "
                             f"install --with-deps chromium`, or set {CHROMIUM_ENV} to a Chromium or Chrome.")

@@ -37,7 +37,7 @@ def test_colab_opens_every_notebook_on_a_t4_with_the_bootstrap_cell(path):
     assert notebook["metadata"]["accelerator"] == "GPU"
     assert notebook["metadata"]["colab"]["gpuType"] == "T4"
     assert "".join(colab.first_code_cell(notebook)["source"]) == colab.bootstrap_source(), (
-        f"{path.name}: its first code cell is not the one llava_nb/colab.py writes: run python -m llava_nb.colab")
+        f"{path.name}: its first code cell is not llava_nb/colab.py's: run python -m llava_nb.colab")
     assert notebook["cells"][0]["cell_type"] == "markdown"  # the title comes first, then the bootstrap
 
 
@@ -122,9 +122,9 @@ def test_in_colab_the_first_cell_clones_the_repository_colab_opened_the_notebook
         server.shutdown()
     assert (tmp_path / "git-args").read_text().split()[:3] == [
         "clone", "--depth=1", "https://github.com/alice/llava-on-a-budget"]
-    assert "check REPO in this cell's form" in done.stderr  # the recording git "failed"
+    assert "check REPO in the form" in done.stderr  # the recording git "failed"
 
-    done = run_bootstrap(tmp_path, {"COLAB_RELEASE_TAG": "test"}, repo="bob/fork-of-it")  # REPO set: no lookup
+    run_bootstrap(tmp_path, {"COLAB_RELEASE_TAG": "test"}, repo="bob/fork-of-it")  # REPO set: no lookup
     assert (tmp_path / "git-args").read_text().split()[2] == "https://github.com/bob/fork-of-it"
 
 
@@ -149,7 +149,8 @@ def test_the_notebooks_plotting_cells_show_pictures_in_a_stock_kernel():
     assert {name for name, _ in cells} == {"05_training.ipynb", "06_inference.ipynb"}
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(PLOT_INPUTS)]
                                         + [nbformat.v4.new_code_cell(source) for _, source in cells])
-    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
     for (name, source), cell in zip(cells, notebook.cells[1:]):
         kinds = {kind for output in cell.outputs for kind in output.get("data", {})}
         assert "image/png" in kinds, f"{name}: {source!r} showed {[o.get('data', o) for o in cell.outputs]}"

@@ -90,7 +90,8 @@ def test_a_mounted_drive_holds_the_hub_cache(user, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", constants.HF_HUB_CACHE)
     where = runs.use_drive()
     cache = tmp_path / "MyDrive" / "llava_nb" / "hub-cache"
-    assert where == {"drive": "mounted", "runs": str(tmp_path / "MyDrive" / "llava_nb"), "hub cache": str(cache)}
+    runs_folder = tmp_path / "MyDrive" / "llava_nb"
+    assert where == {"drive": "mounted", "runs": str(runs_folder), "hub cache": str(cache)}
     assert os.environ["HF_HUB_CACHE"] == constants.HF_HUB_CACHE == str(cache) and cache.is_dir()
 
 
