@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Colab setup: install llava_nb and what it needs WITHOUT replacing anything Colab preinstalled
-# (upgrading torch, transformers or datasets would force a runtime restart). Safe to run twice.
+# Colab setup: install llava_nb and what the notebooks need at run time (requirements.txt, and the
+# offline profile's SmolLM2 file, which notebook 01 counts) WITHOUT replacing anything Colab
+# preinstalled (upgrading torch, transformers or datasets would force a runtime restart). No test
+# tools: those are requirements-dev.txt. Safe to run twice. The notebooks' first cell runs it.
 set -euo pipefail
 cd "$(dirname "$0")"
 

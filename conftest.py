@@ -1,5 +1,6 @@
 """Set-up shared by `tests/` and `notebooks/` (`pytest --nbmake tests notebooks`).
 
+Test budgets and a temporary run folder for everything the session starts, notebook kernels included.
 The profile under test is `$LLAVA_NB_PROFILE`, `offline` by default. For `t4`, the session serves small
 twins of TinyLlama, CLIP and llava-instruct-mix-vsft under their hub ids on 127.0.0.1
 (`llava_nb.twins`, `llava_nb.hub_server`) and points `HF_ENDPOINT` there, with an empty hub cache in a
@@ -7,10 +8,16 @@ temporary folder: `snapshot_download` and `load_dataset(..., streaming=True)` do
 do on Colab. Notebook kernels inherit the environment, so they see the same hub.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["LLAVA_NB_IN_TEST"] = "1"  # notebooks and commands started from tests use test budgets
+# One temporary run folder for the session (llava_nb.runs.OUTPUTS_ENV): notebooks 06 and 07 find 05's exports
+# there, and test exports never land where a user's notebook would pick them up.
+os.environ["LLAVA_NB_OUTPUTS"] = tempfile.mkdtemp(prefix="llava_nb-test-outputs-")
+atexit.register(shutil.rmtree, os.environ["LLAVA_NB_OUTPUTS"], ignore_errors=True)
 
 
 def pytest_configure(config):

@@ -75,7 +75,7 @@ class Profile:
     data: DataConfig = field(default_factory=DataConfig)
     stage1: TrainConfig = field(default_factory=TrainConfig)
     stage2: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = "outputs"  # relative to the working directory unless absolute
+    output_dir: str = "outputs"  # relative to the repository (runs.outputs_root), unless absolute
     seed: int = 0
 
     def stage(self, n: int) -> TrainConfig:

@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 from matplotlib.figure import Figure
 
 
-def loss_curve(log_history: Sequence[dict], *, title: str = "") -> Figure:
+class NotebookFigure(Figure):
+    """A Figure that shows itself as a PNG wherever IPython displays it (Colab, JupyterLab, VS Code).
+
+    Made without pyplot, so scripts and tests need no display; but then no backend registers a
+    formatter for it, and a stock kernel would print `<Figure size ... with N Axes>`. `_repr_png_` is
+    what IPython asks any object for, so no `%matplotlib inline` is needed.
+    """
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", bbox_inches="tight")
+        return buffer.getvalue()
+
+
+def loss_curve(log_history: Sequence[dict], *, title: str = "") -> NotebookFigure:
     """Train and eval loss against the optimizer step, from `Trainer.state.log_history`.
 
-    A Figure made without pyplot: a notebook shows it once when it is a cell's last expression, and
-    scripts and tests need no display.
+    A NotebookFigure: a notebook shows it as a picture when it is a cell's last expression (or through
+    `IPython.display.display`), and scripts save it with `savefig`.
     """
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
     if not train and not evals:
         raise ValueError("the log history holds no 'loss' or 'eval_loss' entry: was anything logged? "
                          "(logging_steps / eval_steps larger than max_steps?)")
-    fig = Figure(figsize=(7, 4), layout="constrained")
+    fig = NotebookFigure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     if train:
         ax.plot(*zip(*train), marker=".", label="train loss")
@@ -32,7 +47,8 @@ def loss_curve(log_history: Sequence[dict], *, title: str = "") -> Figure:
     return fig
 
 
-def answer_grid(answers: dict[str, Sequence[dict]], *, n: int = 8, ncols: int = 4, width: float = 3.2) -> Figure:
+def answer_grid(answers: dict[str, Sequence[dict]], *, n: int = 8, ncols: int = 4,
+                width: float = 3.2) -> NotebookFigure:
     """Images with their question, the expected reply and each model's answer (✓/✗ where scored).
 
     `answers` maps a label ('before', 'after') to `evaluate.Evaluation.answers` of the same samples.
@@ -42,7 +58,7 @@ def answer_grid(answers: dict[str, Sequence[dict]], *, n: int = 8, ncols: int = 
     first = answers[labels[0]]
     order = sorted(range(len(first)), key=lambda i: first[i]["turn"])[:n]  # stable: sample order within a turn
     nrows = max(1, -(-len(order) // ncols))
-    fig = Figure(figsize=(width * ncols, (width + 1.1) * nrows), layout="constrained")
+    fig = NotebookFigure(figsize=(width * ncols, (width + 1.1) * nrows), layout="constrained")
     for k, i in enumerate(order):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         ax.axis("off")

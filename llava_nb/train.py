@@ -46,10 +46,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import config as cfg
 from . import data, sources, surgery
 from .fsutil import atomic_dir, is_complete, write_manifest
+from .runs import run_dir  # where a profile's stages go (runs.py: repository, Drive or a test folder)
 
 log = logging.getLogger(__name__)
 
-DRIVE = Path("/content/drive")  # where Colab mounts Google Drive
 TRAINABLE_FILE = "trainable.safetensors"  # a checkpoint's weights: only the tensors that train
 STREAM_FILE = "llava_nb_stream.json"  # a checkpoint's position in the training stream
 SUMMARY_FILE = "llava_nb_training.json"  # an export's record: profile, stage, settings, log history
@@ -65,28 +65,6 @@ TEST_BUDGET: dict[str, Any] = dict(
 
 
 # ------------------------------------------------------------------------------------------ folders
-
-
-def mount_drive() -> bool:
-    """In Colab, mount Google Drive (it asks for permission once) so checkpoints outlive the runtime.
-
-    Returns whether Drive is mounted; outside Colab it does nothing and returns False.
-    """
-    if not cfg.in_colab():
-        return False
-    if not (DRIVE / "MyDrive").is_dir():
-        from google.colab import drive  # only exists in Colab
-
-        drive.mount(str(DRIVE))
-    return (DRIVE / "MyDrive").is_dir()
-
-
-def run_dir(profile: cfg.Profile) -> Path:
-    """Where a profile's stages go: `/content/drive/MyDrive/llava_nb/<profile>` when Drive is mounted
-    (Colab), else `<profile.output_dir>/<profile>` (relative to the working directory)."""
-    if (DRIVE / "MyDrive").is_dir():
-        return DRIVE / "MyDrive" / "llava_nb" / profile.name
-    return Path(profile.output_dir).expanduser() / profile.name
 
 
 def default_checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -682,7 +660,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None,
                    help="the export folder (default: <run dir>/stage<N>, the run dir being "
                         "/content/drive/MyDrive/llava_nb/<profile> when Drive is mounted, else "
-                        "outputs/<profile>)")
+                        "outputs/<profile> in the repository, whatever the working directory)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where checkpoints go (default: <output-dir>-checkpoints)")
     p.add_argument("--init-from", default=None,

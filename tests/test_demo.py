@@ -1,11 +1,17 @@
-"""The Gradio demo in a real browser: Debian's Chromium, driven by Playwright, against the app on localhost.
+"""The Gradio demo in a real browser: a system Chromium, driven by Playwright, against the app on localhost.
 
-Playwright's own browser download cannot work offline, so the test uses /usr/bin/chromium (`.ci/run`
-installs it with apt). A missing browser or playwright is a failure, not a skip.
+The browser is the first that starts of: $LLAVA_NB_CHROMIUM, Debian's /usr/bin/chromium (or another
+Chromium on PATH), Playwright's own. With none, the test installs one: Debian's `chromium` with apt-get
+(as root, or through sudo when it needs no password), else Playwright's download. What it tried and how
+to fix it is the failure message; a missing browser or playwright is a failure, not a skip.
 """
 
+import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +19,10 @@ import pytest
 
 from llava_nb import config, demo, infer, surgery, synthetic, train
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ENV = "LLAVA_NB_CHROMIUM"  # a Chromium or Chrome executable to use instead of looking for one
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+INSTALL_TIMEOUT = 900  # seconds: apt-get fetches about 100 MB of packages
+PLAYWRIGHTS_OWN = "Playwright's own Chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKENS = 12  # a few words: about a second of generation on a CPU
@@ -49,17 +58,67 @@ def url(export_dir):
     app.close()
 
 
+def chromium_candidates() -> list[str | None]:
+    """Executables to try, best first; None stands for Playwright's own download."""
+    found = [os.environ.get(CHROMIUM_ENV)] + [shutil.which(name) for name in CHROMIUM_NAMES]
+    return [*dict.fromkeys(path for path in found if path), None]
+
+
+def launch_chromium(playwright) -> tuple[object | None, list[str]]:
+    """The first candidate that starts, and what the others said."""
+    tried = []
+    for path in chromium_candidates():
+        try:
+            return playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS), tried
+        except Exception as e:  # playwright.sync_api.Error: missing, or not startable here (a snap stub)
+            tried.append(f"{path or PLAYWRIGHTS_OWN}: {str(e).strip().splitlines()[0]}")
+    return None, tried
+
+
+def install_chromium() -> list[str]:
+    """Install a Chromium: Debian's package when apt-get may run, else Playwright's. Returns a log."""
+    log = []
+
+    def run(command: list[str]) -> bool:
+        print("installing a browser for the demo test:", " ".join(command), flush=True)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
+                                  env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.append(f"{' '.join(command)}: {e}")
+            return False
+        log.append(f"{' '.join(command)}: exit status {done.returncode} {done.stderr.strip()[-300:]}".strip())
+        return done.returncode == 0
+
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]  # -n: fail rather than ask for a password
+    if shutil.which("apt-get") and (not sudo or (shutil.which("sudo") and run([*sudo, "true"]))):
+        wait = ["-o", "DPkg::Lock::Timeout=300"]  # another apt-get may be running
+        run([*sudo, "apt-get", *wait, "update", "-qq"])
+        if run([*sudo, "apt-get", *wait, "install", "-y", "-qq", "chromium"]):
+            return log
+    else:
+        log.append("apt-get: not run (no apt-get, or neither root nor password-less sudo)")
+    run([sys.executable, "-m", "playwright", "install", "chromium"])  # needs Playwright's download server
+    return log
+
+
 @pytest.fixture(scope="module")
 def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("playwright is missing: pip install -r requirements-dev.txt to drive /usr/bin/chromium")
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does this); "
-                    "Playwright's own browser download cannot work offline")
+        pytest.fail("playwright is missing: pip install -r requirements-dev.txt (it drives Chromium)")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser, tried = launch_chromium(p)
+        if browser is None:
+            installed = install_chromium()
+            browser, tried_again = launch_chromium(p)
+            if browser is None:
+                pytest.fail("no Chromium starts for the demo test. Tried:\n  "
+                            + "\n  ".join(tried + tried_again)
+                            + "\nInstalling one:\n  " + "\n  ".join(installed)
+                            + "\nFix: `sudo apt-get install -y chromium` (Debian), or `python -m playwright "
+                            f"install --with-deps chromium`, or set {CHROMIUM_ENV} to a Chromium or Chrome.")
         yield browser
         browser.close()
 

@@ -4,7 +4,6 @@ transformers loads, what stage 2 may change, and the memory formula against what
 import itertools
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import pytest
@@ -249,10 +248,3 @@ def test_command_line_help():
                  "--resume", "--seed", "--init-from"):
         assert flag in done.stdout
 
-
-def test_run_dir_is_drive_only_when_mounted(tmp_path, monkeypatch):
-    profile = config.get_profile("offline")
-    assert train.run_dir(profile) == Path(profile.output_dir) / "offline"
-    monkeypatch.setattr(train, "DRIVE", tmp_path)
-    (tmp_path / "MyDrive").mkdir()
-    assert train.run_dir(profile) == tmp_path / "MyDrive" / "llava_nb" / "offline"

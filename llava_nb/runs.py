@@ -1,0 +1,159 @@
+"""Where a run lives: one folder per profile, the same for the CLI and every notebook, and Drive on Colab.
+
+`run_dir(profile)` is, first match wins:
+
+    $LLAVA_NB_OUTPUTS/<profile>                  when set
+    a temporary folder/<profile>                 under the test suite (removed when the process ends)
+    /content/drive/MyDrive/llava_nb/<profile>    Colab with Google Drive mounted
+    <repository>/outputs/<profile>               a checkout, whatever the working directory
+    ./outputs/<profile>                          an installed copy (no checkout to hold it)
+
+On Colab, `use_drive` also keeps the hub's download cache on Drive, so a notebook's fresh runtime finds
+the backbones the previous notebook fetched. This module imports nothing heavy: the notebooks' first
+cell calls it before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from . import config as cfg
+
+DRIVE = Path("/content/drive")  # where Colab mounts Google Drive
+DRIVE_FOLDER = "llava_nb"  # under MyDrive: run folders and the hub cache
+HUB_CACHE_FOLDER = "hub-cache"  # under DRIVE_FOLDER: what HF_HUB_CACHE points at while Drive is used
+OUTPUTS_ENV = "LLAVA_NB_OUTPUTS"  # overrides where run folders go (the notebook tests: a temporary one)
+EXPORT_NAMES = ("stage2", "stage1", "short")  # a run folder's exports (short: notebooks 06/07's stopgap)
+
+_test_outputs: Path | None = None
+
+
+def repo_root() -> Path | None:
+    """The checkout this package was imported from, or None for an installed copy."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() else None
+
+
+def drive_home() -> Path | None:
+    """`MyDrive/llava_nb` when Google Drive is mounted, else None."""
+    return DRIVE / "MyDrive" / DRIVE_FOLDER if (DRIVE / "MyDrive").is_dir() else None
+
+
+def outputs_root(profile: cfg.Profile) -> Path:
+    """The folder that holds every profile's run folder (see the module docstring for the order)."""
+    if os.environ.get(OUTPUTS_ENV):
+        return Path(os.environ[OUTPUTS_ENV]).expanduser()
+    if cfg.in_test():
+        return _temporary_outputs()
+    if drive_home() is not None:
+        return drive_home()
+    folder = Path(profile.output_dir).expanduser()
+    return folder if folder.is_absolute() else (repo_root() or Path.cwd()) / folder
+
+
+def run_dir(profile: cfg.Profile) -> Path:
+    """Where a profile's stages go: `<outputs_root>/<profile>`, with stage1/, stage2/ and their checkpoints."""
+    return outputs_root(profile) / profile.name
+
+
+def _temporary_outputs() -> Path:
+    # Tests must leave nothing that a user's notebook would pick up as an export.
+    global _test_outputs
+    if _test_outputs is None:
+        _test_outputs = Path(tempfile.mkdtemp(prefix="llava_nb-test-outputs-"))
+        atexit.register(shutil.rmtree, _test_outputs, ignore_errors=True)
+    return _test_outputs
+
+
+# ------------------------------------------------------------------------------------------- Drive
+
+
+def mount_drive() -> bool:
+    """In Colab, mount Google Drive (Colab asks for permission) so runs and downloads outlive the runtime.
+
+    Returns whether Drive is mounted. Outside Colab it does nothing and returns False; when the mount is
+    declined or fails it warns once, saying what a disconnect will cost, and returns False.
+    """
+    if not cfg.in_colab():
+        return False
+    if drive_home() is None:
+        try:
+            from google.colab import drive  # only exists in Colab
+
+            drive.mount(str(DRIVE))
+        except Exception as e:  # declined, timed out, or no Drive for this account
+            warnings.warn(
+                f"Google Drive is not mounted ({type(e).__name__}: {e}). Run folders and the hub download "
+                f"cache stay on this runtime's local disk, which a disconnect or runtime reset erases: "
+                f"checkpoints and exports are lost, and the next runtime downloads the backbones again "
+                f"(TinyLlama and CLIP, 2.8 GB, for t4). To keep them, run this cell again and allow access "
+                f"to Drive.",
+                stacklevel=2)
+            return False
+    return drive_home() is not None
+
+
+def use_drive() -> dict[str, str]:
+    """Colab: mount Drive and put the hub cache there (HF_HUB_CACHE), beside the run folders.
+
+    Every notebook runs in a fresh runtime; with the cache on Drive, notebook 02 onwards reads the
+    backbones notebook 01 fetched instead of downloading them again. Returns where things go.
+    """
+    if not cfg.in_colab():
+        return {"drive": "not Colab: nothing to do"}
+    if not mount_drive():
+        return {"drive": "not mounted: local disk (see the warning)"}
+    cache = drive_home() / HUB_CACHE_FOLDER
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["HF_HUB_CACHE"] = str(cache)
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # already imported: it read the variable at import, so tell it too
+        constants.HF_HUB_CACHE = str(cache)
+    return {"drive": "mounted", "runs": str(drive_home()), "hub cache": str(cache)}
+
+
+# ----------------------------------------------------------------------------------------- exports
+
+
+def find_export(profile: cfg.Profile, checkpoint: str | os.PathLike | None = None) -> Path | None:
+    """The export to use: `checkpoint` when given (it must be one), else the newest complete export in
+    `run_dir(profile)` (stage2/, stage1/ or short/), else None. Prints where it looked."""
+    from .infer import checkpoint_problem
+
+    if checkpoint is not None:
+        problem = checkpoint_problem(checkpoint, profile.name)
+        if problem:
+            raise FileNotFoundError(problem)
+        return Path(checkpoint)
+    run = run_dir(profile)
+    found = [run / name for name in EXPORT_NAMES if checkpoint_problem(run / name, profile.name) is None]
+    if not found:
+        print(f"no export in {run} (looked for {', '.join(EXPORT_NAMES)})")
+        return None
+    newest = max(found, key=lambda folder: folder.stat().st_mtime)  # an export is renamed into place whole
+    print(f"using {newest}" + (f" (newest of {', '.join(f.name for f in found)})" if len(found) > 1 else ""))
+    return newest
+
+
+def describe_export(folder: str | os.PathLike) -> dict[str, object]:
+    """Which export this is and how it was trained (from the record `llava_nb.train` writes into it)."""
+    from .train import SUMMARY_FILE, read_summary
+
+    folder = Path(folder)
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(folder.stat().st_mtime))
+    if not (folder / SUMMARY_FILE).is_file():
+        return {"export": str(folder), "written": when, "trained": f"unknown (no {SUMMARY_FILE})"}
+    summary = read_summary(folder)
+    metrics = summary.get("metrics", {})
+    return {"export": str(folder), "written": when, "profile": summary.get("profile"),
+            "stage": summary.get("stage"), "steps": summary.get("train", {}).get("max_steps"),
+            "batch": summary.get("train", {}).get("per_device_train_batch_size"),
+            "init_from": summary.get("init_from"), "eval_loss": metrics.get("eval_loss"),
+            "dataset": summary.get("dataset")}

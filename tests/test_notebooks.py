@@ -1,0 +1,156 @@
+"""The notebooks as Colab and Jupyter users meet them: T4 metadata, a first cell that gets the project from
+the one place that names the repository (or from where Colab opened it), README badges that agree, no
+placeholder URLs, and plots that arrive as pictures in a stock kernel."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from llava_nb import colab
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+URL = re.compile(r"https?://[^\s\"'`)\]]+")
+PLACEHOLDER = re.compile(r"[<>]|\byou\b|your[-_]|example\.(com|org)|OWNER|USER(NAME)?\b", re.IGNORECASE)
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_the_seven_notebooks_are_all_there():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_colab_opens_every_notebook_on_a_t4_with_the_bootstrap_cell(path):
+    notebook = read(path)
+    assert notebook["metadata"]["accelerator"] == "GPU"
+    assert notebook["metadata"]["colab"]["gpuType"] == "T4"
+    assert "".join(colab.first_code_cell(notebook)["source"]) == colab.bootstrap_source(), (
+        f"{path.name}: its first code cell is not llava_nb/colab.py's: run python -m llava_nb.colab")
+    assert notebook["cells"][0]["cell_type"] == "markdown"  # the title comes first, then the bootstrap
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_notebook_holds_a_placeholder_url(path):
+    for cell in read(path)["cells"]:
+        for url in URL.findall("".join(cell["source"])):
+            if "{" in url:  # built from a value in the cell, e.g. https://github.com/{REPO}
+                continue
+            assert not PLACEHOLDER.search(url), f"{path.name}: placeholder URL {url!r}"
+
+
+def test_readme_badges_and_the_notebooks_repo_field_come_from_the_one_place():
+    readme = (ROOT / "README.md").read_text()
+    assert colab.badges_markdown(ROOT) in readme, "README badges differ: run python -m llava_nb.colab"
+    for path in NOTEBOOKS:
+        assert colab.colab_url(path.name) in readme
+        assert f'REPO = "{colab.GITHUB_REPO}"' in "".join(colab.first_code_cell(read(path))["source"])
+    assert readme.count("colab.research.google.com/github/") == len(NOTEBOOKS)  # no badge outside the block
+
+
+def test_writing_the_notebooks_again_changes_nothing(tmp_path):
+    for path in NOTEBOOKS:
+        copy = tmp_path / path.name
+        copy.write_text(path.read_text())
+        assert not colab.write_notebook(copy), f"{path.name} is not as python -m llava_nb.colab writes it"
+
+
+def test_colab_setup_installs_no_test_tools():
+    script = "\n".join(line.split("#")[0] for line in (ROOT / "colab_setup.sh").read_text().splitlines())
+    assert "requirements-dev" not in script
+    assert not re.search(r"\b(pytest|nbmake|playwright|nbclient)\b", script)
+
+
+UNSET = f"{colab.PLACEHOLDER_OWNER}/llava-on-a-budget"  # REPO before the repository is published
+
+
+def run_bootstrap(tmp_path: Path, env: dict[str, str], repo: str = UNSET) -> subprocess.CompletedProcess:
+    """The first cell as a script, in a folder that is not a checkout, with a `git` that only records."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    git = tmp_path / "bin" / "git"
+    git.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/git-args\nexit 1\n')  # no network: the clone "fails"
+    git.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("COLAB_", "KMP_"))}
+    return subprocess.run([sys.executable, "-c", colab.bootstrap_source(repo)], cwd=tmp_path, text=True,
+                          capture_output=True, timeout=60,
+                          env={**clean, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", **env})
+
+
+def test_outside_colab_the_first_cell_does_nothing(tmp_path):
+    done = run_bootstrap(tmp_path, {})
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "git-args").exists()
+
+
+def test_in_colab_without_a_repository_the_first_cell_asks_for_one(tmp_path):
+    done = run_bootstrap(tmp_path, {"COLAB_RELEASE_TAG": "test"})  # no sessions API to ask
+    assert done.returncode != 0 and "Type it as owner/name into REPO" in done.stderr
+    assert not (tmp_path / "git-args").exists()
+
+
+def test_in_colab_the_first_cell_clones_the_repository_colab_opened_the_notebook_from(tmp_path):
+    opened = "https://github.com/alice/llava-on-a-budget/blob/main/notebooks/01_setup.ipynb"
+
+    class Sessions(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps([{"name": "01_setup.ipynb", "path": "fileId=" + opened.replace(":", "%3A")
+                                .replace("/", "%2F"), "type": "notebook"}]).encode()
+            self.send_response(200 if self.path == "/api/sessions" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Sessions)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = run_bootstrap(tmp_path, {"COLAB_RELEASE_TAG": "test", "COLAB_JUPYTER_IP": "127.0.0.1",
+                                        "KMP_TARGET_PORT": str(server.server_port)})
+    finally:
+        server.shutdown()
+    assert (tmp_path / "git-args").read_text().split()[:3] == [
+        "clone", "--depth=1", "https://github.com/alice/llava-on-a-budget"]
+    assert "check REPO in the form" in done.stderr  # the recording git "failed"
+
+    run_bootstrap(tmp_path, {"COLAB_RELEASE_TAG": "test"}, repo="bob/fork-of-it")  # REPO set: no lookup
+    assert (tmp_path / "git-args").read_text().split()[2] == "https://github.com/bob/fork-of-it"
+
+
+PLOT_INPUTS = '''\
+import numpy as np
+from types import SimpleNamespace
+from llava_nb import config, plots
+profile = config.get_profile("offline")
+history = [{"loss": 3.0 - 0.1 * s, "step": s} for s in range(1, 6)] + [{"eval_loss": 2.9, "step": 5}]
+result1 = result2 = SimpleNamespace(log_history=history)
+scene = np.full((64, 64, 3), 255, dtype=np.uint8)
+answers = [dict(turn=0, image=scene, question="What colour?", expected="red", predicted=p, correct=p == "red")
+           for p in ("red", "blue")]
+before = after = SimpleNamespace(answers=answers)'''
+
+
+def test_the_notebooks_plotting_cells_show_pictures_in_a_stock_kernel():
+    """The plotting cells of notebooks 05 and 06, verbatim, on small stand-in results: each shows an image/png
+    (no `%matplotlib inline`, no pyplot: a kernel as `pip install jupyterlab` gives it)."""
+    cells = [(path.name, "".join(c["source"])) for path in NOTEBOOKS for c in read(path)["cells"]
+             if c["cell_type"] == "code" and "plots." in "".join(c["source"])]
+    assert {name for name, _ in cells} == {"05_training.ipynb", "06_inference.ipynb"}
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(PLOT_INPUTS)]
+                                        + [nbformat.v4.new_code_cell(source) for _, source in cells])
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
+    for (name, source), cell in zip(cells, notebook.cells[1:]):
+        kinds = {kind for output in cell.outputs for kind in output.get("data", {})}
+        assert "image/png" in kinds, f"{name}: {source!r} showed {[o.get('data', o) for o in cell.outputs]}"
