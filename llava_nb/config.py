@@ -69,10 +69,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """What `python -m llava_nb.evaluate` reads and generates by default."""
+
+    limit: int = 100  # test samples (offline: 64 take about 40 s on 2 idle CPU cores)
+    max_new_tokens: int = 48  # the longest answer (offline answers are one word and a full stop)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     stage1: TrainConfig = field(default_factory=TrainConfig)
     stage2: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "outputs"  # relative to the repository (runs.outputs_root), unless absolute
@@ -100,6 +109,7 @@ PROFILES: dict[str, Profile] = {
         name="offline",
         model=ModelConfig(vision_id="offline:clip-vit-b32", lm_id="offline:smollm2-135m-instruct"),
         data=DataConfig(dataset="offline:shapes", max_length=256, shuffle_buffer=256),
+        eval=EvalConfig(limit=64, max_new_tokens=6),
         # Stage 1 reads every sample (captions, single- and multi-turn questions), not only single-turn
         # ones: the drawn conversations are short, and most carry 3-5 answers per image, so the projector
         # sees more supervision per CPU-second. 8.4 minutes on 2 cores with bf16, held-out accuracy 97 %.
@@ -116,6 +126,28 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
+MONA_LISA_URL = "https://llava-vl.github.io/static/images/monalisa.jpg"  # the tutorial's example
+TUTORIAL_QUESTION = "What is represented in the image?"
+# Public-domain images for the t4 profile's answers (Wikimedia's 1280 px renditions), with what a reader
+# should expect to hear. The first is the tutorial's example.
+T4_IMAGES: tuple[tuple[str, str, str], ...] = (
+    (MONA_LISA_URL, TUTORIAL_QUESTION, "Leonardo da Vinci's Mona Lisa: a portrait of a woman"),
+    (("https://upload.wikimedia.org/wikipedia/commons/thumb/a/a5/Tsunami_by_hokusai_19th_century.jpg/"
+      "1280px-Tsunami_by_hokusai_19th_century.jpg"), "What is happening in this picture?",
+     "Hokusai's Great Wave: a huge wave over boats, Mount Fuji behind"),
+    (("https://upload.wikimedia.org/wikipedia/commons/thumb/9/97/The_Earth_seen_from_Apollo_17.jpg/"
+      "1280px-The_Earth_seen_from_Apollo_17.jpg"), "What is shown in this image?",
+     "the Earth seen from space (Apollo 17's Blue Marble)"),
+)
+
+# Under test (`in_test()`) notebook 05 trains a few steps of each stage on short samples.
+TEST_BUDGET: dict[str, Any] = dict(
+    stage1=dict(max_steps=3, per_device_train_batch_size=2, save_steps=1, eval_steps=3, eval_samples=4,
+                logging_steps=1),
+    stage2=dict(max_steps=2, per_device_train_batch_size=2, save_steps=2, eval_steps=2, eval_samples=4,
+                logging_steps=1, gradient_checkpointing=True),
+)
+
 # Architecture of the t4 backbones, from their hub config.json files, so that parameter counts and
 # the memory plan can be computed without downloading them (CLIPVisionConfig defaults are ViT-B/32).
 T4_VISION_CONFIG: dict[str, Any] = dict(
@@ -127,6 +159,15 @@ T4_TEXT_CONFIG: dict[str, Any] = dict(
     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
     rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
 )
+
+
+OFFLINE_PREFIX = "offline:"  # ids of what the offline profile writes itself instead of fetching from the hub
+
+
+def is_offline(profile: Profile) -> bool:
+    """True when the profile needs no hub: its vision tower, language model and data are made here."""
+    return all(x.startswith(OFFLINE_PREFIX) for x in (profile.model.vision_id, profile.model.lm_id,
+                                                      profile.data.dataset))
 
 
 def in_test() -> bool:

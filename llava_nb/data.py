@@ -1,24 +1,20 @@
-"""Streams of llava-instruct-mix-vsft conversations (hub id or local files) and the assistant-only collator.
+"""Samples of llava-instruct-mix-vsft: checked and cleaned one by one, and the assistant-only collator.
 
 Bad samples are dropped where they are found and counted by reason in a `collections.Counter`:
-the stream drops what can be judged from the sample alone (malformed messages, undecodable images,
+`clean_sample` rejects what can be judged from the sample alone (malformed messages, undecodable images,
 `<image>` placeholders that do not match the images, empty replies), so a batch never arrives empty
 because the data is dirty; the collator drops what depends on the tokenizer and `max_length`.
+The streams that yield these samples are in `streams.py`.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import logging
 import math
-import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from pathlib import Path
 
-import datasets
 import torch
 from PIL import Image
 
@@ -27,7 +23,6 @@ from .processing import IMAGE_TOKEN, assistant_spans, image_tokens_per_image, sp
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # what LlavaForConditionalGeneration's loss skips
-DATA_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}
 
 
 class SkipSample(Exception):
@@ -46,108 +41,6 @@ def note_skip(skipped: Counter, error: SkipSample) -> None:
         log.warning("skipped a sample (%s so far for this reason): %s", n, error)
 
 
-# ----------------------------------------------------------------------------------------- streams
-
-
-def stream(
-    source: str,
-    split: str,
-    *,
-    max_turns: int | None = None,
-    seed: int = 0,
-    shuffle_buffer: int | None = None,
-    skipped: Counter | None = None,
-) -> datasets.IterableDataset:
-    """Stream `split` of a hub dataset id, a local folder, or local parquet/jsonl files, cleaned.
-
-    Yields samples in the hub's schema with images decoded to RGB; samples with more than
-    `max_turns` user/assistant exchanges are left out (`max_turns=1`: single-turn only, as LLaVA's
-    stage 1). `shuffle_buffer=None` shuffles the train split (buffer 1000) and keeps the order of
-    any other split; 0 never shuffles. Bad samples are dropped and counted by reason in `skipped`
-    (pass `collator.skipped` to see every drop in one place).
-    """
-    skipped = Counter() if skipped is None else skipped
-    ds = _load(source, split)
-    images = ds.features.get("images") if ds.features else None
-    if isinstance(images, datasets.List) and isinstance(images.feature, datasets.Image):
-        # decode ourselves, so that one broken image is a skipped sample and not a crashed stream
-        ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    if shuffle_buffer is None:
-        shuffle_buffer = 1000 if split == "train" else 0
-    if shuffle_buffer:
-        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
-
-    def prepare(sample: dict) -> dict:
-        try:
-            sample = clean_sample(sample)
-        except SkipSample as e:
-            note_skip(skipped, e)
-            return {"images": [], "_keep": False}
-        n_turns = sum(m["role"] == "assistant" for m in sample["messages"])
-        return {"images": sample["images"], "_keep": max_turns is None or n_turns <= max_turns}
-
-    return ds.map(prepare).filter(lambda s: s["_keep"]).remove_columns("_keep")
-
-
-def text_length(sample: dict) -> int:
-    """Characters of text in a sample's messages: a cheap stand-in for its token count."""
-    return sum(len(item.get("text") or "") for m in sample["messages"] for item in _items(m))
-
-
-def group_by_length(samples: Iterable[dict], group: int, *, window: int = 16, seed: int = 0) -> Iterator[dict]:
-    """The same samples, reordered so that each run of `group` holds samples of similar length.
-
-    Reads `group * window` samples at a time, sorts them by `text_length`, cuts the sorted list into
-    runs of `group` and yields the runs in a seeded random order (so long and short batches still
-    alternate). A batch padded to its longest sample then carries little padding. Deterministic for a
-    given input order and seed, so a resumed run can count its way back to the same place.
-    """
-    if group < 1 or window < 1:
-        raise ValueError(f"group and window must be >= 1, got {group} and {window}")
-    rng = random.Random(seed)
-    samples = iter(samples)
-    while chunk := list(itertools.islice(samples, group * window)):
-        chunk.sort(key=text_length)
-        runs = [chunk[i:i + group] for i in range(0, len(chunk), group)]
-        rng.shuffle(runs)
-        for run in runs:
-            yield from run
-
-
-def _load(source: str, split: str) -> datasets.IterableDataset:
-    path = Path(source).expanduser()
-    files = sorted(path.parent.glob(path.name)) if any(c in path.name for c in "*?[") else [path]
-    if path.is_dir():
-        kind, args = f"folder {source!r}", {"path": str(path)}
-    elif files and all(f.is_file() and f.suffix in DATA_SUFFIXES for f in files):
-        kind = f"files {source!r}"
-        args = {"path": DATA_SUFFIXES[files[0].suffix], "data_files": {split: [str(f) for f in files]}}
-    elif source.startswith("offline:"):
-        raise ValueError(f"{source!r} names a generated dataset, not a path: pass the folder that "
-                         "llava_nb.sources.prepare_dataset(profile) returns")
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        kind, args = f"hub dataset {source!r}", {"path": source}
-    else:
-        raise FileNotFoundError(f"dataset {source!r} not found: it is not an existing folder, nor existing "
-                                f"{'/'.join(DATA_SUFFIXES)} files, nor a hub id like 'owner/name'")
-    try:
-        return datasets.load_dataset(**args, split=split, streaming=True)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{kind} holds no data files ({e}): expected parquet or jsonl files "
-                                f"named like {split}-00000-of-00001.parquet, as in a hub dataset") from e
-    except (ConnectionError, OSError) as e:  # the hub unreachable, or offline mode with nothing cached
-        if not kind.startswith("hub"):
-            raise
-        from .sources import hub_unreachable
-
-        raise hub_unreachable(source, "dataset", e) from e
-    except ValueError as e:
-        if "split" not in str(e).lower():
-            raise
-        raise ValueError(f"{kind} has no split {split!r} ({e}). Pick one of its splits; a local folder names "
-                         f"them by file, as the hub does: {split}-00000-of-00001.parquet") from e
-
-
 # -------------------------------------------------------------------------------- sample checking
 
 
@@ -158,9 +51,7 @@ def clean_sample(sample: dict) -> dict:
     images = sample.get("images") or []
     if not isinstance(images, list):
         raise SkipSample("malformed_sample", f"'images' must be a list, got {type(images).__name__}")
-    texts = [item.get("text") or "" for m in messages for item in _items(m) if item.get("type") == "text"]
-    n_placeholders = sum(item.get("type") == "image" for m in messages for item in _items(m))
-    n_placeholders += sum(t.count(IMAGE_TOKEN) for t in texts)
+    n_placeholders = count_images(messages)
     if n_placeholders != len(images):
         raise SkipSample("image_count_mismatch", f"{n_placeholders} image placeholder(s) for {len(images)} "
                          f"image(s) in {_preview(messages)}")
@@ -187,11 +78,18 @@ def _check_messages(messages: object) -> None:
         raise SkipSample("malformed_messages", f"the conversation must end with an assistant reply: "
                          f"{_preview(messages)}")
     for m in turns[1::2]:
-        if not "".join(c.get("text") or "" for c in _items(m) if c.get("type") == "text").strip():
+        if not "".join(c.get("text") or "" for c in content_items(m) if c.get("type") == "text").strip():
             raise SkipSample("empty_reply", f"an assistant reply is empty in {_preview(messages)}")
 
 
-def _items(message: dict) -> list[dict]:
+def count_images(messages: list[dict]) -> int:
+    """Image placeholders in messages: `{"type": "image"}` items and `<image>` written inside a text."""
+    return sum(item.get("type") == "image" or (item.get("text") or "").count(IMAGE_TOKEN)
+               for m in messages for item in content_items(m))
+
+
+def content_items(message: dict) -> list[dict]:
+    """A message's content as a list of {"type", "text"} items (a plain string becomes one text item)."""
     content = message.get("content")
     return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
@@ -199,7 +97,7 @@ def _items(message: dict) -> list[dict]:
 def _preview(messages: list) -> str:
     for m in messages:
         if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), (list, str)):
-            text = " ".join(c.get("text") or "" for c in _items(m) if isinstance(c, dict))
+            text = " ".join(c.get("text") or "" for c in content_items(m) if isinstance(c, dict))
             return f"the conversation starting {text.strip()[:60]!r}"
     return "a conversation with no user turn"
 

@@ -23,6 +23,11 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def frozen_dtype() -> torch.dtype:
+    """The dtype frozen weights train in: fp16 on a GPU (half the memory of a T4), fp32 on the CPU."""
+    return torch.float16 if torch.cuda.is_available() else torch.float32
+
+
 def cpu_has_bf16() -> bool:
     """True when this CPU runs bf16 matrix products natively (AVX-512 BF16 or AMX), via oneDNN."""
     try:

@@ -27,7 +27,7 @@ def package_version(name: str) -> str:
 
 def backbone_cache(profile: cfg.Profile) -> Path:
     """Where `prepare_backbones` puts this profile's backbones: the hub cache, or $LLAVA_NB_CACHE."""
-    if profile.model.lm_id.startswith("offline:"):
+    if cfg.is_offline(profile):
         return cfg.cache_dir()
     from huggingface_hub import constants
 
@@ -62,7 +62,7 @@ def environment_report(profile: cfg.Profile) -> dict[str, Any]:
 
 def _advice(profile: cfg.Profile, report: dict[str, Any]) -> list[str]:
     advice = []
-    offline = profile.model.lm_id.startswith("offline:")
+    offline = cfg.is_offline(profile)
     if not offline and report["gpu"] == "CPU only":
         advice.append("the t4 profile wants a GPU: in Colab choose Runtime > Change runtime type > T4 GPU; "
                       "on a CPU-only machine set PROFILE = 'offline'")

@@ -14,7 +14,6 @@ The command prints a table and, as its last line, one JSON object (`accuracy`, `
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import re
@@ -31,27 +30,17 @@ import torch.nn.functional as F
 
 from . import config as cfg
 from . import infer
-from .data import IGNORE_INDEX, LlavaCollator, stream
+from .data import IGNORE_INDEX, LlavaCollator, count_images
+from .device import default_device, default_dtype
 from .sources import HubUnreachable, prepare_dataset
+from .streams import held_out
 from .synthetic import QUESTION_KINDS, question_kind
 
 log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained"  # --checkpoint value: surgery.build's model, projector at init
-DEFAULT_LIMIT = {"offline": 64, "t4": 100}  # test samples; offline: 40 s on 2 idle CPU cores, ~2 min on busy ones
-MAX_NEW_TOKENS = {"offline": 6, "t4": 48}  # offline answers are one word and a full stop
 BATCH_SIZE = 8
-# Public-domain images for the t4 profile's answers (Wikimedia's 1280 px renditions), with what a reader
-# should expect to hear. The first is the tutorial's example.
-T4_IMAGES: tuple[tuple[str, str, str], ...] = (
-    (infer.MONA_LISA_URL, infer.TUTORIAL_QUESTION, "Leonardo da Vinci's Mona Lisa: a portrait of a woman"),
-    (("https://upload.wikimedia.org/wikipedia/commons/thumb/a/a5/Tsunami_by_hokusai_19th_century.jpg/"
-      "1280px-Tsunami_by_hokusai_19th_century.jpg"), "What is happening in this picture?",
-     "Hokusai's Great Wave: a huge wave over boats, Mount Fuji behind"),
-    (("https://upload.wikimedia.org/wikipedia/commons/thumb/9/97/The_Earth_seen_from_Apollo_17.jpg/"
-      "1280px-The_Earth_seen_from_Apollo_17.jpg"), "What is shown in this image?",
-     "the Earth seen from space (Apollo 17's Blue Marble)"),
-)
+T4_IMAGES = cfg.T4_IMAGES  # what the t4 profile answers about instead of scoring
 T4_NOTE = ("no accuracy: llava-instruct-mix-vsft's answers are free-form sentences; read the answers on the "
            "fixed images instead")
 
@@ -84,14 +73,6 @@ def _text(message: dict) -> str:
     return " ".join(item.get("text") or "" for item in content if item.get("type") == "text").strip()
 
 
-def _n_images(messages: Sequence[dict]) -> int:
-    n = 0
-    for m in messages:
-        items = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
-        n += sum(item.get("type") == "image" or (item.get("text") or "").count("<image>") for item in items)
-    return n
-
-
 def question_turns(sample: dict, sample_index: int = 0) -> list[dict]:
     """Each user turn of a conversation with its true history, its kind and the expected reply."""
     messages = sample["messages"]
@@ -103,7 +84,7 @@ def question_turns(sample: dict, sample_index: int = 0) -> list[dict]:
         question = _text(m)
         turns.append({
             "sample": sample_index, "turn": len(turns), "kind": question_kind(question), "question": question,
-            "expected": _text(messages[i + 1]), "prompt": prompt, "images": sample["images"][: _n_images(prompt)],
+            "expected": _text(messages[i + 1]), "prompt": prompt, "images": sample["images"][: count_images(prompt)],
         })
     return turns
 
@@ -167,7 +148,7 @@ class Evaluation:
 def held_out_samples(profile: cfg.Profile, limit: int) -> list[dict]:
     """The first `limit` cleaned samples of the profile's test split, in file order."""
     source = prepare_dataset(profile)
-    return list(itertools.islice(stream(source, profile.data.test_split, shuffle_buffer=0), limit))
+    return held_out(source, profile.data.test_split, limit, max_turns=None)
 
 
 def evaluate(model, processor, profile: cfg.Profile, limit: int | None = None, *, batch_size: int = BATCH_SIZE,
@@ -175,9 +156,9 @@ def evaluate(model, processor, profile: cfg.Profile, limit: int | None = None, *
              progress: Callable[[str], None] | None = None, name: str = "") -> Evaluation:
     """Eval loss on the test split and answers (offline: scored questions; t4: the fixed images)."""
     start = time.perf_counter()
-    offline = profile.data.dataset.startswith("offline:")
-    limit = limit or DEFAULT_LIMIT["offline" if offline else "t4"]
-    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS["offline" if offline else "t4"]
+    offline = cfg.is_offline(profile)
+    limit = limit or profile.eval.limit
+    max_new_tokens = max_new_tokens or profile.eval.max_new_tokens
     model.eval()
     samples = samples if samples is not None else held_out_samples(profile, limit)
     loss, tokens, skipped = eval_loss(model, processor, samples, profile.data.max_length, batch_size, progress)
@@ -265,12 +246,12 @@ def load_model(checkpoint: str, profile: cfg.Profile, device: str | None = None)
     from .surgery import build
 
     model, processor = build(profile)
-    device = torch.device(device) if device else infer.default_device()
-    return model.to(device, infer.default_dtype(device)).eval(), processor
+    device = torch.device(device) if device else default_device()
+    return model.to(device, default_dtype(device)).eval(), processor
 
 
-def _per_profile(values: dict[str, int]) -> str:
-    return ", ".join(f"{v} {k}" for k, v in values.items())
+def _per_profile(name: str) -> str:
+    return ", ".join(f"{getattr(p.eval, name)} {p.name}" for p in cfg.PROFILES.values())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -284,11 +265,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=sorted(cfg.PROFILES), default=None,
                         help=f"default: ${cfg.PROFILE_ENV}, else 'offline' under tests, else 't4'")
     parser.add_argument("--limit", type=int, default=None,
-                        help="test samples to evaluate (default: " + _per_profile(DEFAULT_LIMIT) + ")")
+                        help="test samples to evaluate (default: the profile's, " + _per_profile("limit") + ")")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help=f"samples per forward pass and per generate call (default: {BATCH_SIZE})")
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="longest answer, in tokens (default: " + _per_profile(MAX_NEW_TOKENS) + ")")
+                        help="longest answer, in tokens (default: the profile's, " + _per_profile("max_new_tokens") + ")")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     return parser.parse_args(argv)
 

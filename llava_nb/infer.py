@@ -27,55 +27,20 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from . import config as cfg
+from .checkpoints import checkpoint_problem
 from .data import to_rgb
-from .fsutil import MANIFEST, is_complete
+from .device import default_device, default_dtype
 
 ImageInput = str | Path | Image.Image  # an http(s) URL, a local path, or a PIL image
-MONA_LISA_URL = "https://llava-vl.github.io/static/images/monalisa.jpg"  # the tutorial's example
-TUTORIAL_QUESTION = "What is represented in the image?"
+MONA_LISA_URL, TUTORIAL_QUESTION = cfg.MONA_LISA_URL, cfg.TUTORIAL_QUESTION  # the tutorial's example
 MAX_NEW_TOKENS = 64
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback (Llama, TinyLlama)
 URL_TIMEOUT_S = 20.0
 # Hosts such as Wikimedia refuse requests without a descriptive User-Agent.
 USER_AGENT = "llava-on-a-budget/0.1 (educational notebook; python-urllib)"
-EXPORT_FILES = ("config.json", "processor_config.json", "tokenizer_config.json")  # what every export holds
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 # ------------------------------------------------------------------------------------- loading
-
-
-def make_checkpoint_hint(folder: str | Path, profile_name: str = "offline") -> str:
-    """How to get an exported folder at `folder`: the notebook and the command that write one."""
-    return (f"train one with notebooks/05_training.ipynb, or run `python -m llava_nb.train --profile {profile_name} "
-            f"--stage 1 --output-dir {folder}`")
-
-
-def checkpoint_problem(folder: str | Path, profile_name: str = "offline") -> str | None:
-    """None when `folder` holds a complete export (model and processor); otherwise what is wrong and what to do."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return f"no exported model at {folder}: {make_checkpoint_hint(folder, profile_name)}"
-    missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        missing.append("model.safetensors")
-    if missing:
-        return (f"{folder} is not an exported model (missing {', '.join(missing)}; a checkpoint-N folder holds only "
-                f"what trains): point at the export, or {make_checkpoint_hint(folder, profile_name)}")
-    if (folder / MANIFEST).is_file() and not is_complete(folder):
-        return (f"{folder} is damaged (a file is missing or has the wrong size, see {MANIFEST}): delete it and "
-                f"{make_checkpoint_hint(folder, profile_name)}")
-    return None
-
-
-def default_device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """fp16 on a GPU (a T4 has no bfloat16), fp32 on the CPU (fp16 matmuls there are slow or missing)."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def load(folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,

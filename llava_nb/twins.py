@@ -135,10 +135,7 @@ def write_web_images(folder: Path, rng: np.random.Generator) -> None:
     """Stand-ins for the web images the t4 notebooks and evaluation fetch (Mona Lisa, ...), by URL path."""
     import urllib.parse
 
-    from .evaluate import T4_IMAGES
-    from .infer import MONA_LISA_URL
-
-    for url in {MONA_LISA_URL, *(u for u, _, _ in T4_IMAGES)}:
+    for url in {cfg.MONA_LISA_URL, *(u for u, _, _ in cfg.T4_IMAGES)}:
         parts = urllib.parse.urlsplit(url)
         path = folder / parts.netloc / parts.path.lstrip("/")
         path.parent.mkdir(parents=True, exist_ok=True)

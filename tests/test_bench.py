@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from llava_nb import bench, data, sources
+from llava_nb import bench, bench_jobs, data, sources, streams
 
 
 def test_tutorial_collator_labels_every_non_pad_token(built, profile):
     _, processor = built
     collator = data.LlavaCollator(processor, max_length=profile.data.max_length)
-    samples = list(itertools.islice(data.stream(sources.prepare_dataset(profile), "train",
+    samples = list(itertools.islice(streams.stream(sources.prepare_dataset(profile), "train",
                                                 shuffle_buffer=0), 6))
     ours = collator(samples)
-    tutorial = bench.TutorialCollator(collator)(samples)
+    tutorial = bench_jobs.TutorialCollator(collator)(samples)
     real = tutorial["attention_mask"].bool()
     assert not real.all(), "the batch should hold some padding"
     assert torch.equal(tutorial["input_ids"], ours["input_ids"])
@@ -60,8 +60,8 @@ def test_bench_tiny_budget(backbones, capsys):
 
 def test_a_job_travels_to_its_subprocess_as_json(backbones):
     job = bench.Settings(max_new_tokens=2, gen_batch_size=2).job("generate")
-    assert bench.Job.from_json(job.to_json()) == job
+    assert bench_jobs.Job.from_json(job.to_json()) == job
     result = bench._in_subprocess(job)  # python -m llava_nb.bench --job, the JSON on its stdin
     assert result["batch2"]["new_tokens"] == 4 and result["max_new_tokens"] == 2
     with pytest.raises(RuntimeError, match="unknown_config"):
-        bench._in_subprocess(bench.Job(config="unknown_config"))
+        bench._in_subprocess(bench_jobs.Job(config="unknown_config"))

@@ -21,7 +21,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from llava_nb import data, processing, synthetic
+from llava_nb import data, processing, streams, synthetic
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -129,7 +129,7 @@ def test_stream_drops_bad_rows_and_goes_on(tmp_path):
     table = pa.Table.from_pylist(rows, schema=synthetic.FEATURES.arrow_schema)
     pq.write_table(table, tmp_path / "train.parquet")
     skipped = Counter()
-    samples = list(data.stream(str(tmp_path / "train.parquet"), "train", shuffle_buffer=0, skipped=skipped))
+    samples = list(streams.stream(str(tmp_path / "train.parquet"), "train", shuffle_buffer=0, skipped=skipped))
     assert [s["messages"] for s in samples] == [good[0]["messages"], good[2]["messages"]]
     assert skipped == {"undecodable_image": 1, "image_count_mismatch": 1}
     assert all(s["images"][0].mode == "RGB" for s in samples)
@@ -139,32 +139,32 @@ def test_stream_reads_jsonl_with_image_paths(tmp_path):
     Image.new("P", (40, 30)).save(tmp_path / "a.png")
     sample = chat(["What colour?"], ["Black."])
     (tmp_path / "train.jsonl").write_text(json.dumps({**sample, "images": [str(tmp_path / "a.png")]}) + "\n")
-    [row] = list(data.stream(str(tmp_path / "train.jsonl"), "train"))
+    [row] = list(streams.stream(str(tmp_path / "train.jsonl"), "train"))
     assert row["messages"] == sample["messages"] and row["images"][0].mode == "RGB"
 
 
 def test_stream_reads_the_generated_folder_and_filters_turns(shapes, monkeypatch):
     # datasets pauses 5 s whenever a shuffled multi-shard parquet stream runs dry (an arrow workaround)
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)  # datasets >= 5
-    everything = list(data.stream(str(shapes), "train", shuffle_buffer=0))
-    single = list(data.stream(str(shapes), "train", max_turns=1, shuffle_buffer=0))
+    everything = list(streams.stream(str(shapes), "train", shuffle_buffer=0))
+    single = list(streams.stream(str(shapes), "train", max_turns=1, shuffle_buffer=0))
     assert len(everything) == 48 and 0 < len(single) < 48
     assert all(len(s["messages"]) == 2 for s in single)
-    shuffled = list(data.stream(str(shapes), "train", seed=5))
+    shuffled = list(streams.stream(str(shapes), "train", seed=5))
     assert [s["messages"] for s in shuffled] != [s["messages"] for s in everything]
-    files = list(data.stream(str(shapes / "test-*.parquet"), "test"))
+    files = list(streams.stream(str(shapes / "test-*.parquet"), "test"))
     assert len(files) == 8
 
 
 def test_stream_errors_name_the_path_and_split(shapes, tmp_path):
     with pytest.raises(ValueError, match="no split 'validation'"):
-        data.stream(str(shapes), "validation")
+        streams.stream(str(shapes), "validation")
     with pytest.raises(FileNotFoundError, match="not found"):
-        data.stream(str(tmp_path / "missing" / "train.parquet"), "train")
+        streams.stream(str(tmp_path / "missing" / "train.parquet"), "train")
     with pytest.raises(FileNotFoundError, match="holds no data files"):
-        data.stream(str(tmp_path), "train")
+        streams.stream(str(tmp_path), "train")
     with pytest.raises(ValueError, match="prepare_dataset"):
-        data.stream("offline:shapes", "train")
+        streams.stream("offline:shapes", "train")
 
 
 def test_truncation_keeps_whole_turns_and_never_cuts_image_tokens(processor):
@@ -238,7 +238,7 @@ def test_batch_trains_a_tiny_llava(processor, shapes):
         vision_feature_layer=-1,
     )
     collator = data.LlavaCollator(processor, max_length=256)
-    stream = iter(data.stream(str(shapes), "train", shuffle_buffer=0, skipped=collator.skipped))
+    stream = iter(streams.stream(str(shapes), "train", shuffle_buffer=0, skipped=collator.skipped))
     batch = collator([next(stream) for _ in range(4)])
     torch.manual_seed(0)
     loss = LlavaForConditionalGeneration(config)(**batch).loss
@@ -251,10 +251,10 @@ def test_batch_trains_a_tiny_llava(processor, shapes):
 def test_grouping_by_length_keeps_every_sample_and_cuts_padding(processor):
     rng = np.random.default_rng(0)
     samples = [chat([f"Question {i}?"], [" ".join(["word"] * int(rng.integers(1, 40)))]) for i in range(64)]
-    grouped = list(data.group_by_length(iter(samples), 8, window=4, seed=1))
+    grouped = list(streams.group_by_length(iter(samples), 8, window=4, seed=1))
     key = lambda s: s["messages"][0]["content"][1]["text"]  # noqa: E731
     assert sorted(map(key, grouped)) == sorted(map(key, samples))  # a reordering, nothing lost or repeated
-    assert [key(s) for s in data.group_by_length(iter(samples), 8, window=4, seed=1)] == list(map(key, grouped))
+    assert [key(s) for s in streams.group_by_length(iter(samples), 8, window=4, seed=1)] == list(map(key, grouped))
 
     collate = data.LlavaCollator(processor, max_length=256)
 
@@ -264,4 +264,4 @@ def test_grouping_by_length_keeps_every_sample_and_cuts_padding(processor):
 
     assert padding(grouped) < padding(samples) / 2
     with pytest.raises(ValueError, match="group and window"):
-        list(data.group_by_length(iter(samples), 0))
+        list(streams.group_by_length(iter(samples), 0))

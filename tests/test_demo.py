@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llava_nb import config, demo, infer, surgery, synthetic, train
+from llava_nb import checkpoints, config, demo, infer, surgery, synthetic
 
 CHROMIUM_ENV = "LLAVA_NB_CHROMIUM"  # a Chromium or Chrome executable to use instead of looking for one
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -43,7 +43,7 @@ WATCH_REPLIES = """() => {
 def export_dir(backbones, tmp_path_factory):
     """A tiny export (projector at init): its answers are nonsense, but they stream like real ones."""
     model, processor = surgery.build(config.get_profile("offline"), backbones)  # own copy: export freezes it
-    return train.export(model, processor, tmp_path_factory.mktemp("demo") / "export")
+    return checkpoints.export(model, processor, tmp_path_factory.mktemp("demo") / "export")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from llava_nb import data, sources, train
+from llava_nb import data, sources, streams, trainer
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +15,13 @@ def batch(built, profile):
     _, processor = built
     collator = data.LlavaCollator(processor, max_length=profile.data.max_length)
     source = sources.prepare_dataset(profile)
-    return collator(list(itertools.islice(data.stream(source, "train", shuffle_buffer=0), 3)))
+    return collator(list(itertools.islice(streams.stream(source, "train", shuffle_buffer=0), 3)))
 
 
-def trainers(model, tmp_path) -> tuple[train.LlavaTrainer, train.LlavaTrainer]:
+def trainers(model, tmp_path) -> tuple[trainer.LlavaTrainer, trainer.LlavaTrainer]:
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    return (train.LlavaTrainer(model=model, args=args, fast_loss=True),
-            train.LlavaTrainer(model=model, args=args, fast_loss=False))
+    return (trainer.LlavaTrainer(model=model, args=args, fast_loss=True),
+            trainer.LlavaTrainer(model=model, args=args, fast_loss=False))
 
 
 def test_fast_loss_equals_model_loss(built, batch, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import StoppingCriteria
 
 from llava_nb import config, infer, synthetic
 
@@ -107,6 +108,7 @@ def test_a_left_padded_batch_answers_as_one_by_one(built, scenes):
     assert (inputs["attention_mask"][:, 0] == 0).any() and (inputs["attention_mask"][:, -1] == 1).all()  # left
     # fp32 sums differ in the last bits between padded and unpadded rows: compare the decoded text
     assert batch == [infer.answer(model, processor, im, q, max_new_tokens=TOKENS) for im, q in zip(scenes, questions)]
+    assert all(batch) and len(set(batch)) > 1, batch  # real, distinct answers: an empty batch would not pass
 
 
 def test_answer_batch_checks_its_arguments(built, scenes):
@@ -116,10 +118,21 @@ def test_answer_batch_checks_its_arguments(built, scenes):
 
 def test_closing_a_stream_early_stops_generation(built, scenes):
     model, processor = built
-    chat = infer.Chat(model, processor, scenes[0], max_new_tokens=200)
+
+    class Steps(StoppingCriteria):  # counts generation steps; never stops anything itself
+        n = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            Steps.n += 1
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    chat = infer.Chat(model, processor, scenes[0], max_new_tokens=200, min_new_tokens=200,
+                      stopping_criteria=[Steps()])
     pieces = chat.stream("Describe the image briefly.")
     next(pieces)
     pieces.close()  # a Stop button: the generating thread ends at its next token and is joined
+    steps_at_close = Steps.n
+    assert 0 < steps_at_close < 50, steps_at_close  # generation stopped, long before its 200 tokens
     assert chat.messages == []  # an interrupted reply does not join the conversation
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
-from llava_nb import config, train
+from llava_nb import checkpoints, config, train, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 4  # samples per optimizer step: 2 processes x 2, or 1 process x 4
@@ -83,8 +83,8 @@ def results(root: Path, rank: int) -> list[dict]:
 
 
 def test_two_processes_train_the_projector_one_process_trains(runs):
-    one = load_file(runs[1] / "stage1-checkpoints" / "checkpoint-3" / train.TRAINABLE_FILE)
-    two = load_file(runs[2] / "stage1-checkpoints" / "checkpoint-3" / train.TRAINABLE_FILE)
+    one = load_file(runs[1] / "stage1-checkpoints" / "checkpoint-3" / checkpoints.TRAINABLE_FILE)
+    two = load_file(runs[2] / "stage1-checkpoints" / "checkpoint-3" / checkpoints.TRAINABLE_FILE)
     assert one.keys() == two.keys() and all(k.startswith("model.multi_modal_projector.") for k in one)
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=ATOL, msg=k)
@@ -108,7 +108,7 @@ def test_two_processes_write_one_export_and_one_set_of_checkpoints(runs):
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # no staging left
     assert {p.name for p in (folder / "checkpoint-3").glob("rng_state*")} == {"rng_state_0.pth",
                                                                               "rng_state_1.pth"}
-    assert train.read_position(folder / "checkpoint-3") == 3 * GLOBAL_BATCH  # a global count of samples
+    assert checkpoints.read_position(folder / "checkpoint-3") == 3 * GLOBAL_BATCH  # a global count of samples
     model = LlavaForConditionalGeneration.from_pretrained(root / "stage1")
     assert type(model).__name__ == "LlavaForConditionalGeneration"
 
@@ -133,7 +133,7 @@ if __name__ == "__main__":  # one training process: train.train for each run of 
     profile = config.get_profile(os.environ.get(config.PROFILE_ENV) or "offline", **spec["profile"])  # under test
     done = []
     for run in spec["runs"]:
-        stop = [train.StopAtStep(run["stop_at"])] if run.get("stop_at") else []
+        stop = [trainer.StopAtStep(run["stop_at"])] if run.get("stop_at") else []
         result = train.train(profile, run["stage"], output_dir=run["output_dir"],
                              resume=run.get("resume", False), callbacks=stop,
                              export_model=run.get("export", True))

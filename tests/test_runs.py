@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_nb import config, runs, train
+from llava_nb import checkpoints, config, runs
 from llava_nb.fsutil import write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def test_a_checkout_keeps_runs_in_its_outputs_whatever_the_working_directory(use
     for cwd in (ROOT, ROOT / "notebooks", tmp_path):
         monkeypatch.chdir(cwd)
         assert runs.run_dir(profile) == ROOT / "outputs" / "offline"
-    assert train.run_dir is runs.run_dir  # the CLI's default is the notebooks' folder
+    assert runs.run_dir is runs.run_dir  # the CLI's default is the notebooks' folder
 
 
 def test_drive_then_the_override_take_precedence(user, tmp_path, monkeypatch):
@@ -98,20 +98,19 @@ def test_a_mounted_drive_holds_the_hub_cache(user, tmp_path, monkeypatch):
 def fake_export(folder: Path, stage: int, steps: int) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    (folder / train.SUMMARY_FILE).write_text(
+    (folder / checkpoints.SUMMARY_FILE).write_text(
         f'{{"profile": "offline", "stage": {stage}, "train": {{"max_steps": {steps}}}, "metrics": {{}}}}')
     write_manifest(folder)
     return folder
 
 
 def test_find_export_takes_the_newest_and_says_how_it_was_trained(user, tmp_path, monkeypatch, capsys):
-    from llava_nb import infer
 
     monkeypatch.setenv(runs.OUTPUTS_ENV, str(tmp_path))
     profile = config.get_profile("offline")
     assert runs.find_export(profile) is None
     assert "no export in" in capsys.readouterr().out
-    monkeypatch.setattr(infer, "checkpoint_problem", lambda folder, name="offline": (
+    monkeypatch.setattr(checkpoints, "checkpoint_problem", lambda folder, name="offline": (
         None if (Path(folder) / "config.json").is_file() else "missing"))
     old = fake_export(tmp_path / "offline" / "stage2", 2, 40)
     new = fake_export(tmp_path / "offline" / "stage1", 1, 300)

@@ -2,6 +2,8 @@
 transformers loads, what stage 2 may change, and the memory formula against what torch really saves."""
 
 import itertools
+import json
+import signal
 import subprocess
 import sys
 
@@ -11,23 +13,27 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoProcessor, LlamaModel, LlavaForConditionalGeneration
 
-from llava_nb import config, data, memory, plots, surgery, synthetic, train
+from llava_nb import checkpoints, config, memory, plots, streams, surgery, synthetic, train, trainer
 from llava_nb.fsutil import write_manifest
 
 PROJECTOR = "model.multi_modal_projector."
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# Short samples, batch 1 x accumulation 2 (a step reads 2 samples), a save every step.
+TINY = dict(
+    data=dict(max_length=160),
+    stage1=dict(max_steps=3, per_device_train_batch_size=1, gradient_accumulation_steps=2, save_steps=1,
+                eval_samples=0, logging_steps=1),
+    stage2=dict(max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=1, save_steps=1,
+                eval_samples=2, eval_steps=2, logging_steps=1),
+)
+
+
 @pytest.fixture(scope="module")
 def tiny(profile):
-    """The profile under test, short samples, batch 1 x accumulation 2 (a step reads 2 samples), a save every step."""
-    return config.get_profile(
-        profile.name, data=dict(max_length=160),
-        stage1=dict(max_steps=3, per_device_train_batch_size=1, gradient_accumulation_steps=2, save_steps=1,
-                    eval_samples=0, logging_steps=1),
-        stage2=dict(max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=1, save_steps=1,
-                    eval_samples=2, eval_steps=2, logging_steps=1),
-    )
+    """The profile under test with the TINY budget."""
+    return config.get_profile(profile.name, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,7 @@ def stage1(tiny, tmp_path_factory):
 
 
 def trained(run: train.TrainResult, step: int) -> dict[str, torch.Tensor]:
-    return load_file(run.checkpoint_dir / f"checkpoint-{step}" / train.TRAINABLE_FILE)
+    return load_file(run.checkpoint_dir / f"checkpoint-{step}" / checkpoints.TRAINABLE_FILE)
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
@@ -52,7 +58,7 @@ def test_stream_is_one_order_per_seed_and_starts_anywhere(tmp_path, monkeypatch)
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)
     root = synthetic.write_dataset(tmp_path / "ds", seed=3, n_train=12, n_test=2, shard_size=6)
     def messages(start: int, n: int, **grouping) -> list:
-        stream = train.TrainStream(str(root), "train", max_turns=1, seed=5, shuffle_buffer=4, start=start,
+        stream = streams.TrainStream(str(root), "train", max_turns=1, seed=5, shuffle_buffer=4, start=start,
                                    **grouping)
         return [s["messages"] for s in itertools.islice(stream, n)]
 
@@ -60,7 +66,7 @@ def test_stream_is_one_order_per_seed_and_starts_anywhere(tmp_path, monkeypatch)
     assert messages(0, 30) == first
     assert messages(11, 19) == first[11:]
     grouped = messages(0, 30, group=2, length_window=2)  # grouped by length: still one order, any start
-    per_pass = sum(1 for _ in data.stream(str(root), "train", max_turns=1, shuffle_buffer=0))
+    per_pass = sum(1 for _ in streams.stream(str(root), "train", max_turns=1, shuffle_buffer=0))
     assert grouped != first and sorted(map(str, grouped[:per_pass])) == sorted(map(str, first[:per_pass]))
     assert messages(11, 19, group=2, length_window=2) == grouped[11:]
 
@@ -74,33 +80,38 @@ def test_only_the_projector_trains_in_stage1(stage1):
 
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(stage1, tiny, tmp_path):
     out = tmp_path / "stage1"
-    cut = train.train(tiny, 1, output_dir=out, callbacks=[train.StopAtStep(1)], export_model=False)
+    cut = train.train(tiny, 1, output_dir=out, callbacks=[trainer.StopAtStep(1)], export_model=False)
     assert cut.global_step == 1 and cut.export_dir is None
     resumed = train.train(tiny, 1, output_dir=out, resume=True, export_model=False)
     assert resumed.resumed_from.name == "checkpoint-1" and resumed.global_step == 3
-    assert train.read_position(resumed.checkpoint_dir / "checkpoint-3") == 6  # 3 steps x 1 sample x 2
+    assert checkpoints.read_position(resumed.checkpoint_dir / "checkpoint-3") == 6  # 3 steps x 1 sample x 2
     assert_same_tensors(trained(resumed, 3), trained(stage1, 3))
-    assert [c.name for c in train.checkpoints(resumed.checkpoint_dir)] == ["checkpoint-2", "checkpoint-3"]
+    assert [c.name for c in checkpoints.checkpoints(resumed.checkpoint_dir)] == ["checkpoint-2", "checkpoint-3"]
 
 
-def test_a_killed_save_leaves_the_previous_checkpoint_usable(stage1, tiny, tmp_path, monkeypatch):
+def test_a_save_killed_by_sigkill_leaves_the_previous_checkpoint_usable(stage1, tiny, tmp_path):
+    """A training process killed (SIGKILL) in the middle of writing checkpoint-2 leaves checkpoint-1 whole, and
+    --resume continues from it to exactly where the uninterrupted run got."""
     out = tmp_path / "stage1"
-    real = train.LlavaTrainer._save_rng_state
-
-    def dies_at_step_2(self, output_dir):  # weights and optimizer written, RNG and trainer state not yet
-        if self.state.global_step == 2:
-            raise RuntimeError("simulated kill during the save")
-        return real(self, output_dir)
-
-    monkeypatch.setattr(train.LlavaTrainer, "_save_rng_state", dies_at_step_2)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        train.train(tiny, 1, output_dir=out, export_model=False)
-    monkeypatch.undo()
-    folder = train.default_checkpoint_dir(out)
-    assert (folder / ".staging-checkpoint-2" / "checkpoint-2" / train.TRAINABLE_FILE).is_file()  # half saved
-    assert [c.name for c in train.checkpoints(folder)] == ["checkpoint-1"]
+    script = f"""
+import json, os, signal
+from llava_nb import config, train, trainer
+real = trainer.LlavaTrainer._save_rng_state
+def killed_mid_save(self, output_dir):  # weights and optimizer of step 2 written, RNG and state not yet
+    if self.state.global_step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, output_dir)
+trainer.LlavaTrainer._save_rng_state = killed_mid_save
+profile = config.get_profile({tiny.name!r}, **json.loads({json.dumps(TINY)!r}))
+train.train(profile, 1, output_dir={str(out)!r}, export_model=False)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    folder = checkpoints.default_checkpoint_dir(out)
+    assert (folder / ".staging-checkpoint-2" / "checkpoint-2" / checkpoints.TRAINABLE_FILE).is_file()  # half saved
+    assert [c.name for c in checkpoints.checkpoints(folder)] == ["checkpoint-1"]
     resumed = train.train(tiny, 1, output_dir=out, resume=True, export_model=False,
-                          callbacks=[train.StopAtStep(2)])
+                          callbacks=[trainer.StopAtStep(2)])
     assert resumed.resumed_from.name == "checkpoint-1" and resumed.global_step == 2
     assert not list(folder.glob(".staging-*"))
     assert_same_tensors(trained(resumed, 2), trained(stage1, 2))
@@ -109,11 +120,11 @@ def test_a_killed_save_leaves_the_previous_checkpoint_usable(stage1, tiny, tmp_p
 def test_incomplete_checkpoint_folders_are_ignored(tmp_path):
     for step in (1, 2):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / train.TRAINABLE_FILE).write_bytes(b"x" * 10)
+        (tmp_path / f"checkpoint-{step}" / checkpoints.TRAINABLE_FILE).write_bytes(b"x" * 10)
     write_manifest(tmp_path / "checkpoint-1")
-    assert train.last_checkpoint(tmp_path).name == "checkpoint-1"
-    (tmp_path / "checkpoint-1" / train.TRAINABLE_FILE).write_bytes(b"x")  # truncated after the fact
-    assert train.last_checkpoint(tmp_path) is None
+    assert checkpoints.last_checkpoint(tmp_path).name == "checkpoint-1"
+    (tmp_path / "checkpoint-1" / checkpoints.TRAINABLE_FILE).write_bytes(b"x")  # truncated after the fact
+    assert checkpoints.last_checkpoint(tmp_path) is None
 
 
 def test_export_loads_and_generates_without_llava_nb(stage1):
@@ -140,7 +151,7 @@ def test_stage1_export_keeps_the_language_model_exact(stage1, source_lm):
     model = LlavaForConditionalGeneration.from_pretrained(stage1.export_dir).eval()
     processor = AutoProcessor.from_pretrained(stage1.export_dir)
     ids = processor.tokenizer("USER: What colour is the circle? ASSISTANT: Red.", return_tensors="pt").input_ids
-    assert train.read_summary(stage1.export_dir)["stage"] == 1
+    assert checkpoints.read_summary(stage1.export_dir)["stage"] == 1
     assert stage1.metrics["steps"] == 3
     assert model.config.text_config.use_cache
     assert surgery.text_logits_max_diff(model, source_lm, ids) < 1e-4
@@ -178,12 +189,11 @@ def test_stage2_without_a_stage1_export_says_what_to_do(tiny, tmp_path):
 
 def test_training_arguments_follow_the_tutorial():
     t = config.get_profile("t4").stage1
-    args = train.training_arguments(t, "unused", seed=0, evaluate=True)
+    args = trainer.training_arguments(t, "unused", seed=0, evaluate=True)
     assert (args.max_steps, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (350, 2, 4)
     assert args.learning_rate == 2e-4 and args.lr_scheduler_kwargs == {"min_lr": 2e-5}
     assert args.lr_scheduler_type.value == "cosine_with_min_lr"
     assert args.get_warmup_steps(350) == 18  # 5 % of 350, rounded up
-    assert args.fp16 == torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("lora_r", [0, 8])

@@ -1,0 +1,79 @@
+"""What trains in each stage: stage 1 the projector alone, stage 2 the projector and a LoRA adapter on the
+language model; the frozen rest placed in a T4-safe precision; the model found inside any wrapper."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from . import config as cfg
+from . import surgery
+from .device import frozen_dtype
+from .fsutil import is_complete
+
+
+def lora_target_regex(model: LlavaForConditionalGeneration) -> str:
+    """A peft `target_modules` regex matching every nn.Linear of the language model and nothing else
+    (not the vision tower's q/k/v projections, not the projector, not lm_head)."""
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in model.model.language_model.named_modules()
+                    if isinstance(m, nn.Linear)})
+    return rf"model\.language_model\..*\.({'|'.join(names)})"
+
+
+def add_lora(model: LlavaForConditionalGeneration, t: cfg.TrainConfig, *, seed: int = 0) -> nn.Module:
+    """Wrap the model in a peft LoRA adapter on the language model; the projector trains too."""
+    from peft import LoraConfig, get_peft_model
+
+    if t.lora_r <= 0:
+        raise ValueError("stage 2 needs lora_r > 0 in the profile's stage2 TrainConfig")
+    model.requires_grad_(False)
+    lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                      target_modules=lora_target_regex(model), bias="none")
+    torch.manual_seed(seed)  # LoRA's A matrices start random (B starts at zero)
+    peft_model = get_peft_model(model, lora)
+    model.model.multi_modal_projector.requires_grad_(True)  # peft froze everything but the adapter
+    return peft_model
+
+
+def place_for_training(model: nn.Module) -> torch.dtype:
+    """T4-safe precision: on a GPU frozen weights in fp16 (half the memory), trainable ones in fp32
+    (fp16 gradients cannot be unscaled by the loss scaler); on CPU all fp32. Returns the frozen dtype."""
+    frozen = frozen_dtype()
+    for p in model.parameters():  # buffers (RoPE frequencies) keep their fp32 precision
+        p.data = p.data.to(torch.float32 if p.requires_grad else frozen)
+    return frozen
+
+
+def stage_model(profile: cfg.Profile, stage: int, *, init_from: str | os.PathLike | None = None,
+                seed: int | None = None) -> tuple[nn.Module, Any]:
+    """(model, processor) ready to train: stage 1 from the backbones, stage 2 from a stage-1 export + LoRA."""
+    seed = profile.seed if seed is None else seed
+    if stage == 1:
+        model, processor = surgery.build(dataclasses.replace(profile, seed=seed))
+        model.set_attn_implementation("sdpa")  # fused attention (the default in transformers 5; made sure)
+    else:
+        if init_from is None or not is_complete(init_from):
+            raise FileNotFoundError(f"stage 2 starts from a complete stage-1 export, and {init_from} is not "
+                                    "one (missing, or its save was cut short): run stage 1 first "
+                                    "(`python -m llava_nb.train --stage 1`) or pass --init-from")
+        model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=frozen_dtype(),
+                                                              attn_implementation="sdpa")
+        processor = AutoProcessor.from_pretrained(init_from)
+        model = add_lora(model, profile.stage(2), seed=seed)
+    base_model(model).config.text_config.use_cache = False  # no KV cache while training; export restores it
+    place_for_training(model)
+    return model, processor
+
+
+def base_model(model: nn.Module) -> LlavaForConditionalGeneration:
+    """The LlavaForConditionalGeneration inside accelerate's wrappers (DDP, torch.compile) and peft's."""
+    from accelerate.utils import extract_model_from_parallel
+    from peft import PeftModel
+
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if isinstance(model, PeftModel) else model
