@@ -3,21 +3,22 @@
 One concern per module; each imports only modules on floors below its own (no cycles), notebooks import
 only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks the arrows.
 
-    floor 8  bench        the benchmark's driver: jobs in subprocesses, ratios, the table (python -m)
-    floor 7  bench_jobs   one measurement: train a configuration, or time generation
+    floor 9  bench        the benchmark's driver: jobs in subprocesses, ratios, the table (python -m)
+    floor 8  bench_jobs   one measurement: train a configuration, or time generation
              train        train() and `python -m llava_nb.train`
-    floor 6  trainer      the Trainer subclass (its private overrides, tested), callbacks, training args
+    floor 7  trainer      the Trainer subclass (its private overrides, tested), callbacks, training args
              evaluate     held-out loss and accuracy, `python -m llava_nb.evaluate`
              demo         the Gradio chat, `python -m llava_nb.demo`
-    floor 5  stages       what trains in stage 1 and 2, LoRA, precision of frozen weights, unwrapping
+    floor 6  stages       what trains in stage 1 and 2, LoRA, precision of frozen weights, unwrapping
              infer        loading an export, images, generation, streaming, the Chat
              runs         where a run's folders live (repository, Drive, tests), finding an export
              memory       the T4 memory plan on paper
-    floor 4  checkpoints  trainable-state save/load, resume point, atomic commit, export, export checks
+    floor 5  checkpoints  trainable-state save/load, resume point, atomic commit, export, export checks
              streams      streams of samples (hub id or files), the training stream, held-out lists
              surgery      assembling LlavaForConditionalGeneration by explicit key maps
              twins        the t4 profile's hub repos in miniature, for tests
-    floor 3  sources      backbones and datasets on disk: hub downloads or the offline ones written here
+    floor 4  sources      backbones and datasets on disk: hub downloads or the offline ones written here
+    floor 3  clip_pretrain  the offline CLIP twin pretrained here on drawn scenes, its zero-shot accuracy
     floor 2  data         sample checks and the assistant-only collator
              synthetic    the offline profile's drawn scenes
              env          the environment report of notebook 01

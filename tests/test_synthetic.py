@@ -1,4 +1,4 @@
-"""The drawn dataset: scenes that decide their answers, the hub's schema, deterministic atomic writes."""
+"""The drawn dataset: natural scenes that decide their answers, the hub's schema, deterministic atomic writes."""
 
 import hashlib
 
@@ -40,40 +40,62 @@ def _digests(root):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("*.parquet"))}
 
 
-def test_scenes_are_clear_and_decide_the_answers():
+def test_scenes_are_natural_and_decide_the_answers():
     rng = np.random.default_rng(0)
-    seen = set()
+    counts, sizes, sides, backgrounds = set(), [], set(), set()
     for _ in range(600):
         image, scene = synthetic.draw_scene(rng)
         assert image.mode == "RGB" and image.size == (224, 224)
         assert 1 <= len(scene) <= 3
-        assert len({(o["colour"], o["shape"], o["side"]) for o in scene}) == 1  # copies of one object
-        assert len({o["box"] for o in scene}) == len(scene)
-        for o in scene:
+        assert len({o["colour"] for o in scene}) == len({o["shape"] for o in scene}) == len(scene)  # all different
+        owner = synthetic.object_map(scene)
+        for k, o in enumerate(scene):
             x0, y0, x1, y1 = o["box"]
-            assert x1 - x0 == y1 - y0 >= synthetic.MIN_SIZE  # square box, 54-60 px, in one 2 x 2 block:
-            assert (x0 // 32) == (x1 - 1) // 32 - 1 and y0 // 32 == (y1 - 1) // 32 - 1
-            assert (x1 <= 96) if o["side"] == "left" else (x0 >= 128)  # wholly in its half, off the middle
-            assert image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2 + 4)) == synthetic.COLOURS[o["colour"]]
-        seen.add((scene[0]["colour"], scene[0]["shape"], scene[0]["side"], len(scene)))
-    assert len(seen) == 4 * 3 * 2 * 3  # every combination occurs
+            lo, hi = synthetic.BIG_SIZE if k == 0 else synthetic.SMALL_SIZE
+            assert lo <= x1 - x0 == y1 - y0 <= hi
+            assert 0 <= x0 and 0 <= y0 and x1 <= 224 and y1 <= 224
+            centre = (x0 + x1) / 2
+            assert abs(centre - 112) >= synthetic.MARGIN and o["side"] == ("left" if centre < 112 else "right")
+            assert image.getpixel((int(centre), (y0 + y1) // 2 + 4)) == synthetic.COLOURS[o["colour"]]
+            assert owner[(y0 + y1) // 2 + 4, int(centre)] == k + 1
+            sizes.append(x1 - x0)
+            sides.add((o["side"], y0 < 112))
+        assert synthetic.largest(scene) is scene[0]
+        pixels = np.asarray(image)
+        for k, o in enumerate(scene):  # the object map covers exactly the pixels each object painted
+            assert (pixels[owner == k + 1] == synthetic.COLOURS[o["colour"]]).all()
+        for a in scene:  # no two boxes touch
+            assert all(a is b or synthetic._apart(a["box"], b["box"]) for b in scene)
+        counts.add(len(scene))
+        backgrounds.add(image.getpixel((0, 0)))
+    assert counts == {1, 2, 3} and len(sides) == 4  # every count, every quadrant
+    assert min(sizes) < 40 and max(sizes) > 88 and len(backgrounds) > 500
 
 
-def test_answers_and_caption():
-    scene = [{"colour": "red", "shape": "circle", "side": "left", "box": (2, 2, 62, 62)},
-             {"colour": "red", "shape": "circle", "side": "left", "box": (34, 66, 94, 126)}]
-    assert synthetic.answers(scene) == {"colour": "red", "shape": "circle", "count": "two", "position": "left"}
-    assert synthetic.caption(scene) == "Two red circles on the left."
-    assert synthetic.caption(scene[:1]) == "One red circle on the left."
+def test_questions_answers_and_captions():
+    scene = [{"colour": "blue", "shape": "square", "side": "right", "box": (140, 10, 210, 80)},
+             {"colour": "red", "shape": "circle", "side": "left", "box": (2, 2, 38, 38)}]
+    assert synthetic.caption(scene) == "A red circle on the left and a blue square on the right."
+    assert synthetic.caption(scene[:1]) == "A blue square on the right."
+    assert synthetic.clip_caption(scene) == "a small red circle on the left and a large blue square on the right"
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        qa = synthetic.questions(scene, rng)
+        assert {k: a for k, (_, a) in qa.items()} == {"colour": "blue", "shape": "square", "count": "two",
+                                                       "position": "right"}
+        assert all(synthetic.question_kind(q) == kind for kind, (q, _) in qa.items())
+    assert {k: a for k, (_, a) in synthetic.questions(scene[1:], rng).items()} == {
+        "colour": "red", "shape": "circle", "count": "one", "position": "left"}
 
 
 def test_question_kind_recognises_every_template():
     for kind, templates in synthetic.TEMPLATES.items():
         for t in templates:
-            text = t
+            text = t.format(colour="green", shape="triangle", side="left")
             assert synthetic.question_kind(text) == kind
             assert synthetic.question_kind("<image>\n" + text) == kind
     assert synthetic.question_kind("What is happening in this photo?") == "other"
+    assert synthetic.question_kind("Is there a dog?") == "other"
 
 
 def test_samples_follow_the_hub_schema():
@@ -91,10 +113,9 @@ def test_samples_follow_the_hub_schema():
             assert kind != "other"
             answer = reply["content"][0]["text"]
             if kind == "caption":
-                assert answer.split()[0].lower() in synthetic.NUMBERS
-                assert answer.endswith(("on the left.", "on the right."))
+                assert answer.startswith("A ") and answer.endswith(("on the left.", "on the right."))
             else:
-                words = {"colour": synthetic.COLOURS, "shape": synthetic.SHAPES, "count": synthetic.NUMBERS,
+                words = {"colour": tuple(synthetic.COLOURS), "shape": synthetic.SHAPES, "count": synthetic.NUMBERS,
                          "position": ("left", "right")}
                 assert answer.rstrip(".").lower() in words[kind]
 

@@ -56,13 +56,13 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 def test_stream_is_one_order_per_seed_and_starts_anywhere(tmp_path, monkeypatch):
     # datasets 5 sleeps 5 s after each pass over parquet files (apache/arrow#45214; 4.0 does not); ~12 here
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)
-    root = synthetic.write_dataset(tmp_path / "ds", seed=3, n_train=12, n_test=2, shard_size=6)
+    root = synthetic.write_dataset(tmp_path / "ds", seed=3, n_train=40, n_test=2, shard_size=20)
     def messages(start: int, n: int, **grouping) -> list:
         stream = streams.TrainStream(str(root), "train", max_turns=1, seed=5, shuffle_buffer=4, start=start,
                                    **grouping)
         return [s["messages"] for s in itertools.islice(stream, n)]
 
-    first = messages(0, 30)  # ~7 single-turn samples a pass: 4 passes, each reshuffled
+    first = messages(0, 30)  # 4 single-turn samples a pass: 7 passes, each reshuffled
     assert messages(0, 30) == first
     assert messages(11, 19) == first[11:]
     grouped = messages(0, 30, group=2, length_window=2)  # grouped by length: still one order, any start
