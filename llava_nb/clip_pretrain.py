@@ -48,7 +48,9 @@ _IDS = {w: i for i, w in enumerate(VOCAB)}
 PATCH = 32  # ViT-B/32's patch: a 7 x 7 grid at 224 px
 PATCH_LAYER = -2  # the hidden state LLaVA reads (vision_feature_layer)
 PATCH_CLASSES = {"colour": (None, *synthetic.COLOURS), "shape": (None, *synthetic.SHAPES),
-                 "side": (None, "left", "right"), "size": (None, "small", "large")}
+                 "side": (None, "left", "right"), "size": (None, "small", "large"),
+                 "count": (None, *range(1, synthetic.MAX_OBJECTS + 1))}  # the scene's, on every patch
+SCENE_ATTRIBUTES = ("count",)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # openai CLIP's pixel normalisation
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -57,7 +59,8 @@ def clip_config(c: cfg.ClipConfig):
     """A CLIPConfig with ViT-B/32's patching (224 px, 32-px patches) and the twin's widths and depths."""
     from transformers import CLIPConfig
 
-    vision = dict(hidden_size=c.vision_width, intermediate_size=4 * c.vision_width, num_hidden_layers=c.vision_layers,
+    vision = dict(hidden_size=c.vision_width, intermediate_size=4 * c.vision_width,
+                  num_hidden_layers=c.vision_layers,
                   num_attention_heads=c.vision_heads, image_size=synthetic.IMAGE_SIZE, patch_size=32,
                   projection_dim=c.projection_dim, hidden_act="quick_gelu")
     text = dict(hidden_size=c.text_width, intermediate_size=4 * c.text_width, num_hidden_layers=c.text_layers,
@@ -68,7 +71,7 @@ def clip_config(c: cfg.ClipConfig):
 
 
 def tokenize(captions: list[str]) -> dict[str, torch.Tensor]:
-    """Word ids with <bos> and <eos>, padded to the longest: {'input_ids', 'attention_mask'} of shape (N, T)."""
+    """Word ids with <bos> and <eos>, padded to the longest: {'input_ids', 'attention_mask'}, each (N, T)."""
     rows = [[BOS, *(_IDS.get(w, UNK) for w in c.lower().replace(",", " ").split()), EOS] for c in captions]
     if max(map(len, rows)) > MAX_TOKENS:
         raise ValueError(f"a caption is longer than {MAX_TOKENS} tokens: {max(captions, key=len)!r}")
@@ -78,13 +81,14 @@ def tokenize(captions: list[str]) -> dict[str, torch.Tensor]:
 
 
 def pixels(images) -> torch.Tensor:
-    """224 x 224 RGB images as CLIP's normalised pixel_values (N, 3, 224, 224); what its processor computes."""
-    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 255
+    """224 x 224 RGB images as CLIP's normalised pixel_values (N, 3, 224, 224), as its processor computes."""
+    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images]))
+    x = x.permute(0, 3, 1, 2) / 255
     return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 
 def hard_negative(scene: list[dict], rng: np.random.Generator) -> list[dict]:
-    """The scene with one binding broken: two objects swap colour or shape, or one object changes colour, shape or side."""
+    """The scene with one binding broken: two objects swap colour or shape, or one's colour, shape or side."""
     scene = [dict(o) for o in scene]
     moves = ["side", "colour"] + (["swap colour", "swap shape"] * 2 if len(scene) > 1 else [])
     if len(scene) < len(synthetic.SHAPES):
@@ -117,7 +121,8 @@ def draw_batch(rng: np.random.Generator, n: int) -> tuple[list, list[str], list[
 
 def patch_targets(scenes: list[list[dict]]) -> torch.Tensor:
     """(N, 49, sum of PATCH_CLASSES) soft targets: for each 32-px patch and each attribute, the share of its
-    pixels that show the background (class 0) or an object with that colour, shape, side or size."""
+    pixels that show the background (class 0) or an object with that colour, shape, side or size; and, the
+    same on every patch, how many objects the scene holds (`SCENE_ATTRIBUTES`)."""
     grid = synthetic.IMAGE_SIZE // PATCH
     offsets = np.cumsum([0, *(len(v) for v in PATCH_CLASSES.values())])
     out = np.zeros((len(scenes), grid * grid, offsets[-1]), dtype=np.float32)
@@ -129,7 +134,9 @@ def patch_targets(scenes: list[list[dict]]) -> torch.Tensor:
                 continue
             obj = scene[k - 1] if k else None
             for (attr, classes), offset in zip(PATCH_CLASSES.items(), offsets):
-                out[i, :, offset + classes.index(_attribute(obj, attr))] += share
+                if attr not in SCENE_ATTRIBUTES:
+                    out[i, :, offset + classes.index(_attribute(obj, attr))] += share
+        out[i, :, offsets[list(PATCH_CLASSES).index("count")] + len(scene)] = 1.0
     return torch.from_numpy(out)
 
 
@@ -142,7 +149,7 @@ def _attribute(obj: dict | None, attr: str) -> str | None:
 
 
 def patch_heads(c: cfg.ClipConfig) -> torch.nn.Linear:
-    """The linear read-out of the patch objective (discarded after pretraining): width -> every attribute's classes."""
+    """The patch objective's linear read-out (dropped after pretraining): width -> all attributes' classes"""
     return torch.nn.Linear(c.vision_width, sum(len(v) for v in PATCH_CLASSES.values()))
 
 
@@ -156,10 +163,11 @@ def patch_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def contrastive_loss(model, images, positives: list[str], negatives: list[str], scenes: list[list[dict]] | None = None,
-                     heads: torch.nn.Module | None = None, patch_weight: float = 0.0) -> torch.Tensor:
+def contrastive_loss(model, images, positives: list[str], negatives: list[str],
+                     scenes: list[list[dict]] | None = None, heads: torch.nn.Module | None = None,
+                     patch_weight: float = 0.0) -> torch.Tensor:
     """CLIP's symmetric cross-entropy, with each image also scored against every hard negative caption; plus,
-    with `heads`, `patch_weight` x the patch objective on the layer LLaVA reads (`PATCH_LAYER`, CLS dropped)."""
+    with `heads`, `patch_weight` x the patch objective on the layer LLaVA reads (`PATCH_LAYER`, no CLS)."""
     text = {k: v.to(model.device) for k, v in tokenize(positives + negatives).items()}
     out = model(pixel_values=pixels(images).to(model.device), output_hidden_states=heads is not None, **text)
     logits = out.logits_per_image  # (B, 2B): the B captions, then the B negatives
@@ -173,7 +181,8 @@ def contrastive_loss(model, images, positives: list[str], negatives: list[str], 
 
 def pretrain(c: cfg.ClipConfig, progress: Callable[[str], None] | None = None, log_every: int = 50,
              device: str | None = None):
-    """Train a CLIPModel from a seeded init on `c.steps` fresh batches; returns (model on the CPU, eval mode; record).
+    """Train a CLIPModel from a seeded init on `c.steps` fresh batches; returns (model on the CPU, eval mode,
+    and its record).
 
     On a GPU when there is one, else on the CPU (bf16 autocast where the CPU has bf16 instructions);
     the same seed gives the same weights on the same machine."""
@@ -182,7 +191,7 @@ def pretrain(c: cfg.ClipConfig, progress: Callable[[str], None] | None = None, l
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(c.seed)
     model = CLIPModel(clip_config(c)).to(device).train()
-    if c.position_std:  # position embeddings as large as the patch embeddings: "where" survives the first LayerNorm
+    if c.position_std:  # position embeddings as large as the patches': "where" survives the first LayerNorm
         with torch.no_grad():
             model.vision_model.embeddings.position_embedding.weight.normal_(0.0, c.position_std)
     heads = patch_heads(c).to(device)
@@ -205,7 +214,8 @@ def pretrain(c: cfg.ClipConfig, progress: Callable[[str], None] | None = None, l
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            loss = contrastive_loss(model, *draw_batch(rng, c.batch_size), heads=heads, patch_weight=c.patch_weight)
+            loss = contrastive_loss(model, *draw_batch(rng, c.batch_size), heads=heads,
+                                    patch_weight=c.patch_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -234,7 +244,7 @@ def patch_accuracy(model, heads, n: int = 100, seed: int = 0) -> dict[str, float
     for attr, classes in PATCH_CLASSES.items():
         part = slice(start, start + len(classes))
         start += len(classes)
-        mostly = targets[..., part][..., 1:].max(-1).values > 0.5
+        mostly = targets[..., part][..., 1:].max(-1).values > 0.5  # every patch for a scene attribute
         hits = logits[..., part].argmax(-1) == targets[..., part].argmax(-1)
         out[attr] = round(hits[mostly].float().mean().item(), 4)
     return out
@@ -263,14 +273,16 @@ def _embedding(out) -> torch.Tensor:
     return F.normalize(getattr(out, "pooler_output", out), dim=-1)
 
 
-def write_pretrained_clip(folder: Path, c: cfg.ClipConfig, progress: Callable[[str], None] | None = None) -> None:
+def write_pretrained_clip(folder: Path, c: cfg.ClipConfig,
+                          progress: Callable[[str], None] | None = None) -> None:
     """Pretrain the twin and write it into `folder` in openai's layout, with its vocabulary and record."""
     model, record = pretrain(c, progress)
     record["zero_shot"] = zero_shot(model, seed=c.seed)
     if progress:
         z = record["zero_shot"]
         progress(f"CLIP zero-shot on {z['n']} held-out scenes: retrieval {z['retrieval']:.0%} (chance "
-                 f"{z['chance_retrieval']:.0%}), caption over its hard negative {z['binding']:.0%} (chance 50%)")
+                 f"{z['chance_retrieval']:.0%}), caption over its hard negative {z['binding']:.0%} "
+                 "(chance 50%)")
     save_clip(model, folder)
     (folder / VOCAB_FILE).write_text(json.dumps({w: i for i, w in enumerate(VOCAB)}, indent=1))
     (folder / RECORD_FILE).write_text(json.dumps(record))
@@ -289,7 +301,7 @@ def record(folder: str | Path) -> dict:
 
 
 def save_clip(model, folder: Path) -> None:
-    """Write a CLIPModel as openai's repo has it: pytorch_model.bin (both towers), config.json, preprocessor."""
+    """Write a CLIPModel as openai's repo has it: pytorch_model.bin (both towers), config, preprocessor."""
     from transformers import CLIPImageProcessor
 
     torch.save(model.state_dict(), folder / "pytorch_model.bin")  # openai's format, not safetensors

@@ -42,8 +42,8 @@ class ClipConfig:
     min_lr: float = 1e-5  # cosine floor
     warmup_steps: int = 20
     weight_decay: float = 0.05
-    patch_weight: float = 15.0  # the patch objective (clip_pretrain.patch_loss) beside the contrastive loss; 0: none
-    position_std: float = 1.0  # >0: position embeddings drawn at this std (transformers: 0.02), as large as the patches
+    patch_weight: float = 15.0  # the patch objective (clip_pretrain.patch_loss) beside the contrastive one
+    position_std: float = 1.0  # >0: position embeddings drawn at this std (transformers' init: 0.02)
     cpu_bf16: bool = True  # bf16 autocast on a CPU with bf16 instructions (weights stay fp32)
     seed: int = 0
 

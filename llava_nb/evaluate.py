@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained"  # --checkpoint value: surgery.build's model, projector at init
 SHORT_ANSWER_TOKENS = 10  # at least this many new tokens for a dataset of one's own: a few words
-MAX_ANSWER_WORDS = 3  # a reply of at most this many words (normalised) is a short answer, scored by exact match
-FREE_FORM_DATASETS = ("HuggingFaceH4/llava-instruct-mix-vsft",)  # paragraphs: no accuracy, the fixed images instead
+MAX_ANSWER_WORDS = 3  # a reply of at most this many words (normalised) is a short answer: exact match
+# Replies are paragraphs: no accuracy, the fixed images instead
+FREE_FORM_DATASETS = ("HuggingFaceH4/llava-instruct-mix-vsft",)
 BATCH_SIZE = 8
 T4_IMAGES = cfg.T4_IMAGES  # what the t4 profile answers about instead of scoring
 T4_NOTE = ("no accuracy: llava-instruct-mix-vsft's answers are free-form sentences; read the answers on the "
@@ -165,7 +166,7 @@ def held_out_samples(profile: cfg.Profile, limit: int) -> list[dict]:
 def evaluate(model, processor, profile: cfg.Profile, limit: int | None = None, *, batch_size: int = BATCH_SIZE,
              max_new_tokens: int | None = None, samples: list[dict] | None = None,
              progress: Callable[[str], None] | None = None, name: str = "") -> Evaluation:
-    """Eval loss on the test split and answers (its short-answer questions, scored; the hub's: the fixed images)."""
+    """Eval loss on the test split and answers (short answers scored; the hub's: fixed images)."""
     start = time.perf_counter()
     offline = profile.data.dataset.startswith(cfg.OFFLINE_PREFIX)  # the drawn scenes: scored by kind
     scored = profile.data.dataset not in FREE_FORM_DATASETS
@@ -176,7 +177,8 @@ def evaluate(model, processor, profile: cfg.Profile, limit: int | None = None, *
     samples = samples if samples is not None else held_out_samples(profile, limit)
     loss, tokens, skipped = eval_loss(model, processor, samples, profile.data.max_length, batch_size, progress)
     if scored:
-        turns = [t for i, s in enumerate(samples) for t in question_turns(s, i) if is_short_answer(t["expected"])]
+        turns = [t for i, s in enumerate(samples) for t in question_turns(s, i)
+                 if is_short_answer(t["expected"])]
     else:
         turns = []
         for i, (url, question, expected) in enumerate(T4_IMAGES):
@@ -204,14 +206,14 @@ def evaluate(model, processor, profile: cfg.Profile, limit: int | None = None, *
     if not scored:
         metrics["note"] = T4_NOTE
     elif not answers:
-        metrics["note"] = f"no test reply of at most {MAX_ANSWER_WORDS} words: nothing to score by exact match"
+        metrics["note"] = f"no test reply of at most {MAX_ANSWER_WORDS} words: nothing to score"
     return Evaluation(metrics, answers)
 
 
 def _metrics(answers: list[dict], kinds: Sequence[str]) -> dict[str, Any]:
     scored = [a for a in answers if a["correct"] is not None]
     per_kind = {}
-    kinds = [*kinds, *sorted({a["kind"] for a in scored} - set(kinds))]  # the offline kinds always, then any found
+    kinds = [*kinds, *sorted({a["kind"] for a in scored} - set(kinds))]  # the offline kinds, then any found
     for kind in kinds:
         rows = [a for a in scored if a["kind"] == kind]
         per_kind[kind] = {"accuracy": round(sum(a["correct"] for a in rows) / len(rows), 4) if rows else None,
@@ -281,7 +283,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=sorted(cfg.PROFILES), default=None,
                         help=f"default: ${cfg.PROFILE_ENV}, else 'offline' under tests, else 't4'")
     parser.add_argument("--dataset", default=None,
-                        help="hub id or local folder/files whose test split to score (default: the profile's); "
+                        help="hub id or local folder/files whose test split to score (default: the "
+                             "profile's); "
                              f"replies of at most {MAX_ANSWER_WORDS} words are scored by exact match")
     parser.add_argument("--limit", type=int, default=None,
                         help="test samples to evaluate (default: the profile's, " + _per_profile("limit") + ")")

@@ -55,14 +55,16 @@ def _prepare_vision(m: cfg.ModelConfig, say: Callable[[str], None]) -> Path:
         raise ValueError(f"unknown offline vision tower {m.vision_id!r}: use {OFFLINE_CLIP!r}")
     c = m.offline_clip
     folder = cfg.cache_dir() / offline_clip_name(c)
-    what = (f"a CLIP pretrained here on drawn scenes (vision {c.vision_width} wide x {c.vision_layers} layers, "
-            f"{c.steps} steps of {c.batch_size}; a few minutes on a CPU)")
-    return _write_once(folder, what, "vision", say, lambda tmp: clip_pretrain.write_pretrained_clip(tmp, c, say))
+    what = (f"a CLIP pretrained here on drawn scenes (vision {c.vision_width} wide x {c.vision_layers} "
+            f"layers, {c.steps} steps of {c.batch_size}; a few minutes on a CPU)")
+    return _write_once(folder, what, "vision", say,
+                       lambda tmp: clip_pretrain.write_pretrained_clip(tmp, c, say))
 
 
 def offline_clip_name(c: cfg.ClipConfig) -> str:
     """The cache folder of the pretrained twin: readable sizes plus a digest of everything that changes it."""
-    key = json.dumps([dataclasses.asdict(c), clip_pretrain.VOCAB, synthetic.SCENE_VERSION, CLIP_FORMAT_VERSION])
+    key = json.dumps([dataclasses.asdict(c), clip_pretrain.VOCAB, list(clip_pretrain.PATCH_CLASSES),
+                      synthetic.SCENE_VERSION, CLIP_FORMAT_VERSION])
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return f"clip-scenes-v{c.vision_width}x{c.vision_layers}-{c.steps}x{c.batch_size}-{digest}"
 
@@ -124,9 +126,9 @@ def write_random_clip(folder: Path, *, vision_layers: int = 12, text_layers: int
     """A full CLIPModel checkpoint (text and vision keys, as openai's file) with seeded random weights.
 
     The t4 test twin (`llava_nb.twins`) is written by this; the offline profile's tower is pretrained
-    instead (`llava_nb.clip_pretrain`). The vision half has ViT-B/32's shape (768 wide, 32-pixel patches at 224 px: 49 patch tokens);
-    the text half is never used by LLaVA, so it is kept shallow to save disk and time. `vision` and `text`
-    override config fields of either half (the t4 twin narrows both).
+    instead (`llava_nb.clip_pretrain`). The vision half has ViT-B/32's shape (768 wide, 32-pixel patches at
+    224 px: 49 patch tokens); the text half is never used by LLaVA, so it is kept shallow to save disk and
+    time. `vision` and `text` override config fields of either half (the t4 twin narrows both).
     Position embeddings are drawn with `position_std` (transformers' init: 0.02). At 0.02 they are
     about 1 % of a patch embedding, so after the first LayerNorm a white patch on the left all but
     equals one on the right ("left or right?" stayed at chance, 55 %, on the earlier drawings); at 1.0

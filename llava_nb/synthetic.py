@@ -69,7 +69,8 @@ TEMPLATES = {
     "shape": ("What shape is the largest object?", "Which shape is the biggest one?",
               "What kind of shape is the largest object?"),
     "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes in the image."),
-    "position": ("Is the largest shape on the left or the right?", "On which side is the biggest object, left or right?",
+    "position": ("Is the largest shape on the left or the right?",
+                 "On which side is the biggest object, left or right?",
                  "Is the largest object in the left or right half?"),
     "caption": ("Describe the image briefly.", "Give a short description of the image.", "What is in this picture?"),
 }
@@ -128,7 +129,7 @@ def _draw_objects(draw: ImageDraw.ImageDraw, scene: list[dict], fills: list) -> 
 
 
 def object_map(scene: list[dict]) -> np.ndarray:
-    """(224, 224) uint8: 0 where the background shows, k + 1 where scene[k] does (what each pixel belongs to)."""
+    """(224, 224) uint8: 0 where the background shows, k + 1 where scene[k] does (whose each pixel is)."""
     mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     _draw_objects(ImageDraw.Draw(mask), scene, [k + 1 for k in range(len(scene))])
     return np.asarray(mask)
@@ -155,7 +156,7 @@ def largest(scene: list[dict]) -> dict:
 
 
 def questions(scene: list[dict], rng: np.random.Generator) -> dict[str, tuple[str, str]]:
-    """One (question, one-word answer) per kind: the largest object's colour, shape and side; how many objects."""
+    """One (question, one-word answer) per kind: the largest object's colour, shape and side; the count."""
     big = largest(scene)
     answers = {"colour": big["colour"], "shape": big["shape"], "count": NUMBERS[len(scene)],
                "position": big["side"]}
@@ -170,9 +171,9 @@ def caption(scene: list[dict]) -> str:
 
 
 def clip_caption(scene: list[dict]) -> str:
-    """What the CLIP twin is pretrained to match: 'a large red circle on the left and a small blue square ...'."""
-    parts = [f"a {'large' if o['box'][2] - o['box'][0] >= LARGE else 'small'} {o['colour']} {o['shape']} on the "
-             f"{o['side']}" for o in _left_to_right(scene)]
+    """What the CLIP twin is pretrained to match: 'a large red circle on the left and a small blue ...'"""
+    parts = [f"a {'large' if o['box'][2] - o['box'][0] >= LARGE else 'small'} {o['colour']} {o['shape']} "
+             f"on the {o['side']}" for o in _left_to_right(scene)]
     return " and ".join(parts)
 
 

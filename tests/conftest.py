@@ -28,7 +28,7 @@ def offline_profile():
 
 @pytest.fixture(scope="session")
 def offline_backbones(offline_profile):
-    """The offline CLIP twin and SmolLM2 folders, written once into the cache (the CLIP pretraining: ~5 min) and reused."""
+    """The offline CLIP twin and SmolLM2 folders, written once into the cache (CLIP: ~4 min)"""
     from llava_nb import sources
 
     return sources.prepare_backbones(offline_profile)

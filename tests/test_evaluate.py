@@ -126,7 +126,7 @@ def test_t4_path_reads_its_images_and_reports_no_accuracy(built, monkeypatch, tm
 
 
 def test_a_users_dataset_is_scored_on_its_short_answers(built):
-    """--dataset of one's own: replies of a few words are scored (unknown phrasings as 'other'), long ones are not."""
+    """--dataset of one's own: replies of a few words scored (unknown phrasings: 'other'), long ones not."""
     model, processor = built
     image = synthetic.draw_scene(np.random.default_rng(0))[0]
 
@@ -138,10 +138,12 @@ def test_a_users_dataset_is_scored_on_its_short_answers(built):
         turn("user", "Which fruit is this?", image_first=True), turn("assistant", "A green apple."),
         turn("user", "Describe it."), turn("assistant", "A round fruit lying on a white table in the sun."),
         turn("user", "How many shapes are there?"), turn("assistant", "Two.")]}]
-    assert [evaluate.is_short_answer(t) for t in ("A green apple.", "Two.", "A round fruit lying on a table.", "")] \
+    replies = ("A green apple.", "Two.", "A round fruit lying on a table.", "")
+    assert [evaluate.is_short_answer(t) for t in replies] \
         == [True, True, False, False]
     profile = config.get_profile("offline", data={"dataset": "/somewhere/my-dataset"})
     result = evaluate.evaluate(model, processor, profile, samples=samples, max_new_tokens=2)
-    assert [(a["kind"], a["expected"]) for a in result.answers] == [("other", "A green apple."), ("count", "Two.")]
+    expected = [("other", "A green apple."), ("count", "Two.")]
+    assert [(a["kind"], a["expected"]) for a in result.answers] == expected
     assert set(result.metrics["per_kind"]) == {"count", "other"} and result.metrics["n_questions"] == 2
     assert result.metrics["accuracy"] is not None and "note" not in result.metrics

@@ -115,6 +115,6 @@ def test_missing_or_foreign_checkpoint_errors_say_what_to_do(tmp_path):
 
 def test_folder_listing_and_human_size(offline_backbones):
     listing = dict(fsutil.folder_listing(offline_backbones.vision_dir))
-    assert 10e6 < listing["pytorch_model.bin"] < 30e6  # the 4-layer, 256-wide tower and a small text half, fp32
+    assert 10e6 < listing["pytorch_model.bin"] < 30e6  # a 4-layer, 256-wide tower, a small text half, fp32
     sizes = [fsutil.human_size(n) for n in (999, 1000, 1_234_567, 2.2e9)]
     assert sizes == ["999 B", "1.0 kB", "1.2 MB", "2.2 GB"]

@@ -1,4 +1,4 @@
-"""The drawn dataset: natural scenes that decide their answers, the hub's schema, deterministic atomic writes."""
+"""The drawn dataset: natural scenes that decide their answers, the hub's schema, deterministic writes."""
 
 import hashlib
 
@@ -47,7 +47,7 @@ def test_scenes_are_natural_and_decide_the_answers():
         image, scene = synthetic.draw_scene(rng)
         assert image.mode == "RGB" and image.size == (224, 224)
         assert 1 <= len(scene) <= 3
-        assert len({o["colour"] for o in scene}) == len({o["shape"] for o in scene}) == len(scene)  # all different
+        assert len({o["colour"] for o in scene}) == len({o["shape"] for o in scene}) == len(scene)
         owner = synthetic.object_map(scene)
         for k, o in enumerate(scene):
             x0, y0, x1, y1 = o["box"]
@@ -55,7 +55,8 @@ def test_scenes_are_natural_and_decide_the_answers():
             assert lo <= x1 - x0 == y1 - y0 <= hi
             assert 0 <= x0 and 0 <= y0 and x1 <= 224 and y1 <= 224
             centre = (x0 + x1) / 2
-            assert abs(centre - 112) >= synthetic.MARGIN and o["side"] == ("left" if centre < 112 else "right")
+            assert abs(centre - 112) >= synthetic.MARGIN
+            assert o["side"] == ("left" if centre < 112 else "right")
             assert image.getpixel((int(centre), (y0 + y1) // 2 + 4)) == synthetic.COLOURS[o["colour"]]
             assert owner[(y0 + y1) // 2 + 4, int(centre)] == k + 1
             sizes.append(x1 - x0)
@@ -77,7 +78,8 @@ def test_questions_answers_and_captions():
              {"colour": "red", "shape": "circle", "side": "left", "box": (2, 2, 38, 38)}]
     assert synthetic.caption(scene) == "A red circle on the left and a blue square on the right."
     assert synthetic.caption(scene[:1]) == "A blue square on the right."
-    assert synthetic.clip_caption(scene) == "a small red circle on the left and a large blue square on the right"
+    assert synthetic.clip_caption(scene) == ("a small red circle on the left and a large blue square on the "
+                                             "right")
     rng = np.random.default_rng(0)
     for _ in range(20):
         qa = synthetic.questions(scene, rng)
@@ -115,8 +117,8 @@ def test_samples_follow_the_hub_schema():
             if kind == "caption":
                 assert answer.startswith("A ") and answer.endswith(("on the left.", "on the right."))
             else:
-                words = {"colour": tuple(synthetic.COLOURS), "shape": synthetic.SHAPES, "count": synthetic.NUMBERS,
-                         "position": ("left", "right")}
+                words = {"colour": tuple(synthetic.COLOURS), "shape": synthetic.SHAPES,
+                         "count": synthetic.NUMBERS, "position": ("left", "right")}
                 assert answer.rstrip(".").lower() in words[kind]
 
 
