@@ -25,9 +25,9 @@ class ClipConfig:
     B/32-sized tower takes about 40x the compute per image, far beyond the 5 minutes of 2 CPU cores
     this twin may cost, and drawn shapes need no more. Two objectives: CLIP's contrastive loss (which
     trains the pooled CLS token) and a patch objective on the layer LLaVA reads (each patch token names
-    the colour, shape, side and size of what it shows), weighted `patch_weight`: with the contrastive
-    loss alone the patch tokens told a circle from a square in 44 % of held-out patches, at weight 5
-    in 80 %, at 15 in 96 %."""
+    the colour, shape, side and size of what it shows), weighted `patch_weight`: a read-out of the patch
+    tokens named the shape of held-out patches 44 % of the time at weight 1 (300 steps of 64), 80 % at
+    weight 5 and 96 % at 15 (600 steps of 32)."""
 
     vision_width: int = 256  # ViT-B/32: 768
     vision_layers: int = 4  # ViT-B/32: 12

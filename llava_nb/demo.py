@@ -24,7 +24,7 @@ from . import infer
 HOST = "127.0.0.1"  # localhost only: the demo has no login, so it is not put on the network
 MAX_NEW_TOKENS_LIMIT = 512
 TEMPERATURE_LIMIT = 1.5
-EXAMPLE_QUESTION = {"t4": infer.TUTORIAL_QUESTION, "offline": "What colour are the shapes?"}
+EXAMPLE_QUESTION = {"t4": infer.TUTORIAL_QUESTION, "offline": "What colour is the largest shape?"}
 
 # What the page says about bad input (tests match on these).
 NO_IMAGE = "**No image yet.** Upload or paste an image on the left, then ask again."
