@@ -153,19 +153,21 @@ def patch_heads(c: cfg.ClipConfig) -> torch.nn.Linear:
     return torch.nn.Linear(c.vision_width, sum(len(v) for v in PATCH_CLASSES.values()))
 
 
-def patch_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Soft cross-entropy per attribute, summed over the attributes, averaged over patches and images."""
+def patch_loss(logits: torch.Tensor, targets: torch.Tensor, scene_weight: float = 1.0) -> torch.Tensor:
+    """Soft cross-entropy per attribute, summed over the attributes (`SCENE_ATTRIBUTES` x `scene_weight`),
+    averaged over patches and images."""
     total, start = logits.new_zeros(()), 0
-    for classes in PATCH_CLASSES.values():
+    for attr, classes in PATCH_CLASSES.items():
         part = slice(start, start + len(classes))
-        total = total - (targets[..., part] * F.log_softmax(logits[..., part].float(), -1)).sum(-1).mean()
+        ce = -(targets[..., part] * F.log_softmax(logits[..., part].float(), -1)).sum(-1).mean()
+        total = total + ce * (scene_weight if attr in SCENE_ATTRIBUTES else 1.0)
         start += len(classes)
     return total
 
 
 def contrastive_loss(model, images, positives: list[str], negatives: list[str],
                      scenes: list[list[dict]] | None = None, heads: torch.nn.Module | None = None,
-                     patch_weight: float = 0.0) -> torch.Tensor:
+                     patch_weight: float = 0.0, scene_weight: float = 1.0) -> torch.Tensor:
     """CLIP's symmetric cross-entropy, with each image also scored against every hard negative caption; plus,
     with `heads`, `patch_weight` x the patch objective on the layer LLaVA reads (`PATCH_LAYER`, no CLS)."""
     text = {k: v.to(model.device) for k, v in tokenize(positives + negatives).items()}
@@ -176,7 +178,8 @@ def contrastive_loss(model, images, positives: list[str], negatives: list[str],
     if heads is None or not patch_weight:
         return loss
     patches = out.vision_model_output.hidden_states[PATCH_LAYER][:, 1:]
-    return loss + patch_weight * patch_loss(heads(patches), patch_targets(scenes).to(patches.device))
+    targets = patch_targets(scenes).to(patches.device)
+    return loss + patch_weight * patch_loss(heads(patches), targets, scene_weight)
 
 
 def pretrain(c: cfg.ClipConfig, progress: Callable[[str], None] | None = None, log_every: int = 50,
@@ -215,7 +218,7 @@ def pretrain(c: cfg.ClipConfig, progress: Callable[[str], None] | None = None, l
             group["lr"] = lr_at(step)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             loss = contrastive_loss(model, *draw_batch(rng, c.batch_size), heads=heads,
-                                    patch_weight=c.patch_weight)
+                                    patch_weight=c.patch_weight, scene_weight=c.scene_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -43,6 +43,7 @@ class ClipConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.05
     patch_weight: float = 15.0  # the patch objective (clip_pretrain.patch_loss) beside the contrastive one
+    scene_weight: float = 0.07  # the scene's count in it, relative: at 1.0 it crowded out shape (41 %)
     position_std: float = 1.0  # >0: position embeddings drawn at this std (transformers' init: 0.02)
     cpu_bf16: bool = True  # bf16 autocast on a CPU with bf16 instructions (weights stay fp32)
     seed: int = 0
