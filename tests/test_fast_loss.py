@@ -156,7 +156,7 @@ def test_bf16_frozen_weights_give_the_same_loss_and_gradients(profile, backbones
     embedding = narrow.get_input_embeddings().weight
     linear = [m.weight for m in narrow.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad
               and m.weight is not embedding]  # SmolLM2's head is tied to its embeddings
-    assert len(linear) > 50 and all(w.dtype == torch.bfloat16 for w in linear)
+    assert linear and all(w.dtype == torch.bfloat16 for w in linear)  # TinyLlama's untied head too
     assert narrow.get_input_embeddings().weight.dtype == torch.float32  # and with it a tied head
     assert all(p.dtype == torch.float32 for p in narrow.parameters() if p.requires_grad)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
