@@ -1,7 +1,8 @@
 """Where and in what precision the model runs, and how much memory a process has used.
 
 - GPU (a T4): frozen weights in fp16 (a T4 has no bfloat16), fp16 autocast with loss scaling in training;
-- CPU: fp32 weights; bf16 autocast in training where the processor has bf16 matrix instructions.
+- CPU: fp32 weights; in training, where the processor has bf16 matrix instructions, bf16 autocast with
+  frozen linear weights stored in bf16 (stages.place_for_training); eager attention (faster there).
 """
 
 from __future__ import annotations
