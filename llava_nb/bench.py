@@ -9,7 +9,12 @@ bf16 matrix instructions (fp32 only where neither exists); `baseline_precision` 
     tutorial_fp32  the same in fp32 (an extra row: what the first version of this benchmark compared with)
     fast_loss      the tutorial + assistant-only labels and LM-head logits only where a label is
     grouped        the tutorial + batches grouped by length (less padding)
-    project        stage 1 as `llava_nb.train` runs it: everything above together
+    eager          the tutorial + eager attention instead of sdpa (what training picks on a CPU)
+    bf16_frozen    the tutorial + frozen linear weights stored in bf16 on a CPU under bf16 autocast (the same
+                   products, no cast per step, no fp32 copies; the export is rebuilt from the sources)
+    shared_prefix  fast_loss + the system prompt, common to every sample, run once per batch (its keys and
+                   values repeated across the batch; needs it unsupervised, so it builds on fast_loss)
+    project        stage 1 as `llava_nb.train` runs it: everything above together (attention 'auto')
 
 Each configuration trains in its own subprocess, given one `Job` as JSON on its standard input, after the
 parent has written the offline sources, so each peak is its own and no cache is built while measured.
@@ -43,7 +48,8 @@ from . import config as cfg
 from .bench_jobs import BASELINE, PROJECT, VARIANTS, Job, baseline_precision, execute
 from .device import cpu_has_bf16
 
-DEFAULT_CONFIGS = ("tutorial", "tutorial_fp32", "fast_loss", "grouped", "project")
+DEFAULT_CONFIGS = ("tutorial", "tutorial_fp32", "fast_loss", "grouped", "eager", "bf16_frozen",
+                   "shared_prefix", "project")
 
 
 @dataclass(frozen=True)
@@ -185,13 +191,15 @@ def _fmt(x: Any, digits: int = 2) -> str:
 def format_table(summary: dict[str, Any]) -> str:
     """The results as a Markdown table (training, then generation)."""
     base = summary["train"].get(BASELINE)
-    rows = ["| config | labels | fast_loss | precision | grouped | padding | samples/s | tokens/s "
-            "| supervised tokens/s | speed-up | training peak RSS MB |",
-            "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| config | labels | fast_loss | precision | grouped | attention | bf16 frozen | shared prefix | padding "
+            "| samples/s | tokens/s | supervised tokens/s | speed-up | training peak RSS MB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c, r in summary["train"].items():
         speed = _ratio(r["samples_per_s"], base["samples_per_s"]) if base else None
         rows.append(f"| {c} | {r['labels']} | {'yes' if r['fast_loss'] else 'no'} | {r['precision']} | "
-                    f"{'yes' if r.get('grouped') else 'no'} | {_fmt(100 * r['padding_fraction'], 1)} % | "
+                    f"{'yes' if r.get('grouped') else 'no'} | {r.get('attention', '-')} | "
+                    f"{'yes' if r.get('bf16_frozen') else 'no'} | "
+                    f"{'yes' if r.get('shared_prefix') else 'no'} | {_fmt(100 * r['padding_fraction'], 1)} % | "
                     f"{_fmt(r['samples_per_s'])} | {_fmt(r['tokens_per_s'], 0)} | "
                     f"{_fmt(r['supervised_tokens_per_s'], 0)} | {_fmt(speed)}x | {_fmt(r['train_peak_rss_mb'], 0)} |")
     g = summary["generation"]

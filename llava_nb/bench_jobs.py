@@ -27,6 +27,9 @@ class Variant:
     mixed_precision: bool  # fp16 autocast on a GPU, bf16 autocast on a CPU that has it; False: fp32
     description: str
     group: bool = False  # batches of similar length (the training stream's length grouping)
+    attention: str = "sdpa"  # transformers 5's default (the tutorial's); 'auto': device.attention_implementation
+    shared_prefix: bool = False  # the system prompt once per batch (needs it unsupervised: assistant labels)
+    bf16_frozen: bool = False  # frozen linear weights stored in bf16 (a CPU under bf16 autocast)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -34,8 +37,14 @@ VARIANTS: dict[str, Variant] = {
     "tutorial_fp32": Variant("all", False, False, "tutorial in fp32"),
     "fast_loss": Variant("assistant", True, True, "tutorial + assistant-only labels and fast_loss"),
     "grouped": Variant("all", False, True, "tutorial + batches grouped by length", True),
+    "eager": Variant("all", False, True, "tutorial + eager attention", attention="eager"),
+    "bf16_frozen": Variant("all", False, True, "tutorial + frozen linear weights stored in bf16",
+                           bf16_frozen=True),
+    "shared_prefix": Variant("assistant", True, True, "fast_loss + the system prompt run once per batch",
+                             shared_prefix=True),
     "project": Variant("assistant", True, True, "project stage 1: assistant labels, fast_loss, grouped, "
-                       "mixed precision", True),
+                       "mixed precision, the device's attention, shared system prompt, bf16 frozen weights",
+                       True, attention="auto", shared_prefix=True, bf16_frozen=True),
 }
 
 
@@ -115,7 +124,8 @@ def train_one(job: Job) -> dict[str, Any]:
 
     v = VARIANTS[job.config]
     profile = bench_profile(job.profile, batch_size=job.batch_size, max_steps=job.warmup + job.steps)
-    t = dataclasses.replace(profile.stage1, fast_loss=v.fast_loss, cpu_bf16=v.mixed_precision)
+    t = dataclasses.replace(profile.stage1, fast_loss=v.fast_loss, cpu_bf16=v.mixed_precision,
+                            attention=v.attention, shared_prefix=v.shared_prefix, bf16_frozen=v.bf16_frozen)
     profile = dataclasses.replace(profile, stage1=t)
     source = sources.prepare_dataset(profile)
     sources.prepare_backbones(profile)
@@ -133,7 +143,8 @@ def train_one(job: Job) -> dict[str, Any]:
         args.fp16 = args.fp16 and v.mixed_precision  # on a GPU the fp32 row turns fp16 autocast off too
         timer = trainer.StepTimer()
         runner = trainer.LlavaTrainer(model=model, args=args, data_collator=recorder, train_dataset=stream,
-                                     callbacks=[timer], fast_loss=t.fast_loss)
+                                     callbacks=[timer], fast_loss=t.fast_loss,
+                                     shared_prefix=t.shared_prefix)
         hwm_reset = reset_peak_rss()  # from here on: the training phase alone
         began = time.perf_counter()
         runner.train()
@@ -148,7 +159,8 @@ def train_one(job: Job) -> dict[str, Any]:
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
     result = {
         "config": job.config, "description": v.description, "labels": v.labels, "fast_loss": v.fast_loss,
-        "grouped": v.group, "precision": precision, "batch_size": job.batch_size, "warmup_steps": job.warmup,
+        "grouped": v.group, "attention": stages.base_model(model).config._attn_implementation,
+        "shared_prefix": v.shared_prefix, "bf16_frozen": stages.narrows_frozen_weights(t), "precision": precision, "batch_size": job.batch_size, "warmup_steps": job.warmup,
         "timed_steps": len(timed), "seconds": round(seconds, 3), "step_seconds": [round(x, 3) for x in timed],
         "samples_per_s": total["samples"] / seconds if seconds else float("nan"),
         "tokens_per_s": total["tokens"] / seconds if seconds else float("nan"),
@@ -163,7 +175,7 @@ def train_one(job: Job) -> dict[str, Any]:
     if job.accuracy_limit:
         from . import evaluate
 
-        llava = stages.base_model(runner.model)
+        llava = stages.base_model(stages.as_sources_hold_it(runner.model, profile, 1, seed=job.seed))
         llava.config.use_cache = llava.config.text_config.use_cache = True
         llava.requires_grad_(False)
         ev = evaluate.evaluate(llava, processor, profile, limit=job.accuracy_limit)

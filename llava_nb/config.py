@@ -96,8 +96,11 @@ class TrainConfig:
     logging_steps: int = 5
     gradient_checkpointing: bool = False
     fast_loss: bool = True  # LM-head logits only where a label is (False: the model's own loss, every position)
-    cpu_bf16: bool = True  # on a CPU with bf16 instructions, bf16 autocast (weights stay fp32)
+    cpu_bf16: bool = True  # on a CPU with bf16 instructions, bf16 autocast (trainable weights stay fp32)
+    bf16_frozen: bool = True  # ... and frozen linear weights stored in bf16 (stages.place_for_training)
     length_window: int = 16  # batches read ahead and grouped by length (less padding); 0: stream order
+    attention: str = "auto"  # 'auto': sdpa on a GPU, eager on a CPU (device.attention_implementation); or either
+    shared_prefix: bool = True  # fast_loss and a frozen LM: the batch's common system prompt runs once (trainer)
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ PROFILES: dict[str, Profile] = {
         # ones: the drawn conversations are short, and most carry 3-5 answers per image, so the projector
         # sees more supervision per CPU-second. Held-out accuracy and timings: README, "Quickstart".
         stage1=TrainConfig(
-            max_steps=300, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_turns=None,
+            max_steps=400, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_turns=None,
             learning_rate=5e-3, min_lr=5e-4, warmup_steps=0.05, save_steps=100, eval_steps=100,
             eval_samples=32, logging_steps=10,
         ),

@@ -45,7 +45,7 @@ from .checkpoints import (
 )
 from .device import peak_rss_mb
 from .runs import run_dir  # where a profile's stages go (runs.py: repository, Drive or a test folder)
-from .stages import base_model, stage_model
+from .stages import as_sources_hold_it, base_model, stage_model
 from .streams import TrainStream, held_out
 from .trainer import LlavaTrainer, StepTimer, training_arguments
 
@@ -122,7 +122,7 @@ def train(
     trainer = LlavaTrainer(model=model, args=args, data_collator=collator, train_dataset=train_stream,
                            eval_dataset=eval_set, callbacks=[timer, *callbacks],
                            keep_checkpoints=keep_checkpoints, stream_origin=(step0, start),
-                           fast_loss=t.fast_loss)
+                           fast_loss=t.fast_loss, shared_prefix=t.shared_prefix)
     if resume_from is not None:
         log.info("resuming from %s (step %d, sample %d)", resume_from, step0, start)
     began = time.perf_counter()
@@ -145,7 +145,8 @@ def train(
                        "train": dataclasses.asdict(t), "data": dataclasses.asdict(profile.data),
                        "init_from": str(init_from) if init_from else None, "metrics": metrics,
                        "log_history": state.log_history}
-            exported = export(trainer.model, processor, output_dir, summary=summary)
+            model = as_sources_hold_it(trainer.model, profile, stage, init_from=init_from, seed=seed)
+            exported = export(model, processor, output_dir, summary=summary)
         trainer.accelerator.wait_for_everyone()
     return TrainResult(export_dir=exported, checkpoint_dir=checkpoint_dir, global_step=state.global_step,
                        log_history=list(state.log_history), metrics=metrics, parameters=parameters,

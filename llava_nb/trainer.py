@@ -10,6 +10,7 @@ staging folder, then rename), and `_load_optimizer_and_scheduler` (several CPU p
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import LlavaForConditionalGeneration, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils.notebook import NotebookProgressCallback
 
@@ -44,9 +45,9 @@ class LlavaTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, keep_checkpoints: int = 2, stream_origin: tuple[int, int] = (0, 0),
-                 fast_loss: bool = True, **kwargs: Any):
+                 fast_loss: bool = True, shared_prefix: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.fast_loss = fast_loss
+        self.fast_loss, self.shared_prefix = fast_loss, shared_prefix
         self.keep_checkpoints = keep_checkpoints
         self.stream_origin = stream_origin  # (step, samples read) where this run starts: (0, 0), or a resume
         self._staging: Path | None = None
@@ -57,15 +58,23 @@ class LlavaTrainer(Trainer):
             self.add_callback(ProgressCallback)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Cross-entropy over the supervised tokens, the LM head applied only where a label is.
+        """Cross-entropy over the supervised tokens, computing only what they need.
 
-        The model's own loss projects every position onto the vocabulary (49k-32k columns) and then
-        ignores all but the ~6 % that are replies; this computes the same mean on the rows that count.
+        The model's own loss projects every position onto the vocabulary (49k-32k columns) and then ignores
+        all but the ~6 % that are replies; this applies the LM head to the rows that count, drops the
+        columns after the batch's last supervised token and, with `shared_prefix` while the language model
+        is frozen (stage 1), runs the system prompt that opens every sample once instead of once per sample
+        (`shared_prefix_cache`). The same mean, the same gradients (tests/test_fast_loss.py).
         """
         if not self.fast_loss or return_outputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        targets = inputs["labels"][:, 1:]
+        inputs = trim_after_last_target(inputs, base_model(model).config.image_token_id)
+        prefix, cache = 0, None
+        if self.shared_prefix:  # in the precision of the model's forward, which accelerate wraps in autocast
+            with self.accelerator.autocast():
+                prefix, cache = shared_prefix_cache(model, inputs)
+        targets = inputs["labels"][:, prefix + 1:]
         supervised = targets != IGNORE_INDEX  # position t predicts token t + 1
         # The call goes through `model` as Trainer wrapped it, so that DDP synchronises the gradients and
         # accelerate's autocast applies; a pre-hook hands the LM head the supervised positions only,
@@ -73,9 +82,12 @@ class LlavaTrainer(Trainer):
         def keep_supervised(_head: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
             return (args[0][:, :-1][supervised],)
 
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        if cache is not None:  # the rest of each sample, after the prefix's keys and values
+            forward.update({"input_ids": inputs["input_ids"][:, prefix:], _CACHE_ARG: cache})
         hook = base_model(model).lm_head.register_forward_pre_hook(keep_supervised)
         try:
-            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+            logits = model(**forward).logits.float()
         finally:
             hook.remove()
         loss = nn.functional.cross_entropy(logits, targets[supervised], reduction="sum")
@@ -136,6 +148,46 @@ class LlavaTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+def trim_after_last_target(inputs: dict[str, torch.Tensor], image_token_id: int) -> dict[str, torch.Tensor]:
+    """The batch without the columns after its last supervised token: they predict nothing that counts."""
+    labels = inputs["labels"]
+    targets = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    if len(targets) == 0:
+        return inputs
+    keep = int(targets[-1]) + 2  # position t predicts label t + 1: keep positions 0 .. last target
+    if keep >= labels.shape[1] or (inputs["input_ids"][:, keep:] == image_token_id).any():
+        return inputs  # nothing to cut, or an image placeholder there (its features must all find a place)
+    return {k: v[:, :keep] if k in ("input_ids", "attention_mask", "labels") else v for k, v in inputs.items()}
+
+
+def shared_prefix_cache(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, Any]:
+    """(P, keys and values of the first P tokens, for every row) when the batch's rows open with the same P
+    unpadded, unsupervised text tokens (the system prompt) and the language model is frozen: the prefix
+    runs once, for one row, and its cache is repeated across the batch. (0, None) when it does not apply:
+    one row, no common prefix, a language model that trains (stage 2: LoRA) or gradient checkpointing
+    (which drops a cache passed to the layers)."""
+    from transformers import DynamicCache
+
+    ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
+    llava = base_model(model)
+    lm = llava.model.language_model
+    checkpointing = getattr(lm, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers 5.15 (Colab's)
+        checkpointing = lm.is_gradient_checkpointing
+    if ids.shape[0] < 2 or checkpointing or any(p.requires_grad for p in lm.parameters()):
+        return 0, None
+    common = ((ids == ids[:1]).all(0) & (mask == 1).all(0) & (labels == IGNORE_INDEX).all(0)
+              & (ids[0] != llava.config.image_token_id))
+    prefix = int(common.int().cumprod(0).sum()) - 1  # label `prefix` unsupervised too: nothing to predict
+    if prefix < 1:
+        return 0, None
+    cache = DynamicCache(config=lm.config)
+    with torch.no_grad():
+        lm(input_ids=ids[:1, :prefix], use_cache=True, **{_CACHE_ARG: cache})
+    cache.batch_repeat_interleave(ids.shape[0])
+    return prefix, cache
+
+
 class StopAtStep(TrainerCallback):
     """Ends training after `step` optimizer steps, as a lost runtime would (for resume demos and tests)."""
 
@@ -171,7 +223,11 @@ def samples_per_step(args: TrainingArguments) -> int:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
-# Field names that differ between the transformers versions we support.
+# Names that differ between the transformers versions we support.
+# The forward argument that takes a KV cache: `cache` from transformers 5.2x (`past_key_values` then warns
+# and goes in 5.40), `past_key_values` in 5.15 (Colab).
+_CACHE_ARG = "cache" if "cache" in inspect.signature(LlavaForConditionalGeneration.forward).parameters \
+    else "past_key_values"
 _ARG_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns);
 # 5.15 (Colab) only knows the old name.

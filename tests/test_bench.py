@@ -53,6 +53,11 @@ def test_bench_tiny_budget(backbones, capsys):
     assert summary["ran_first"] == "tutorial"
     assert train["tutorial"]["supervised_fraction"] == 1.0 > 0.5 > train["project"]["supervised_fraction"]
     assert train["project"]["fast_loss"] and not train["tutorial"]["fast_loss"]
+    # the tutorial runs transformers' default attention; the project the device's choice, prefix shared
+    from llava_nb.device import attention_implementation
+
+    assert train["tutorial"]["attention"] == "sdpa" and not train["tutorial"]["shared_prefix"]
+    assert train["project"]["attention"] == attention_implementation("auto") and train["project"]["shared_prefix"]
     for bs in (1, 2):
         g = summary["generation"][f"batch{bs}"]
         assert g["new_tokens"] == 2 * bs and _finite_positive(g["tokens_per_s"])

@@ -20,6 +20,10 @@ import pytest
 from llava_nb import checkpoints, config, demo, infer, surgery, synthetic
 
 CHROMIUM_ENV = "LLAVA_NB_CHROMIUM"  # a Chromium or Chrome executable to use instead of looking for one
+# A trained export to run the page on instead of the untrained one; then the README's picture is taken too:
+# LLAVA_NB_DEMO_EXPORT=outputs/offline/stage1 python -m pytest tests/test_demo.py
+DEMO_EXPORT_ENV = "LLAVA_NB_DEMO_EXPORT"
+README_PICTURE = Path(__file__).resolve().parent.parent / "docs" / "demo.png"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 INSTALL_TIMEOUT = 900  # seconds: apt-get fetches about 100 MB of packages
 PLAYWRIGHTS_OWN = "Playwright's own Chromium"
@@ -41,7 +45,14 @@ WATCH_REPLIES = """() => {
 
 @pytest.fixture(scope="module")
 def export_dir(backbones, tmp_path_factory):
-    """A tiny export (projector at init): its answers are nonsense, but they stream like real ones."""
+    """$LLAVA_NB_DEMO_EXPORT, else a fresh export with the projector at init: its answers are nonsense,
+    but they stream like real ones."""
+    if os.environ.get(DEMO_EXPORT_ENV):
+        trained = Path(os.environ[DEMO_EXPORT_ENV])
+        problem = checkpoints.checkpoint_problem(trained)
+        if problem:
+            pytest.fail(f"{DEMO_EXPORT_ENV}: {problem}")
+        return trained
     model, processor = surgery.build(config.get_profile("offline"), backbones)  # own copy: export freezes it
     return checkpoints.export(model, processor, tmp_path_factory.mktemp("demo") / "export")
 
@@ -190,6 +201,29 @@ def test_upload_ask_stream_follow_up_and_a_second_tab(open_tab, tmp_path):
     page.locator("#llava-clear").click()  # start over
     expect(page.locator("#llava-chat [data-testid=user]")).to_have_count(0)
     expect(page.locator("#llava-image img")).to_have_count(0)
+
+
+def test_a_trained_export_answers_right_in_the_page_and_the_readme_shows_it(open_tab, tmp_path):
+    """With a trained export ($LLAVA_NB_DEMO_EXPORT), a held-out-style scene gets right answers in the page,
+    and the page is the README's picture (docs/demo.png)."""
+    from playwright.sync_api import expect
+
+    if not os.environ.get(DEMO_EXPORT_ENV):
+        pytest.skip(f"needs a trained export: {DEMO_EXPORT_ENV}=outputs/offline/stage1 (train it with the "
+                    "README's quickstart)")
+    scene_file = tmp_path / "scene.png"
+    image, scene = synthetic.draw_scene(np.random.default_rng(2026))  # not a training seed's scene
+    image.save(scene_file)
+    truth = synthetic.answers(scene)
+    page = open_tab()
+    upload(page, scene_file)
+    expect(page.locator("#llava-image img")).to_be_visible()
+    questions = [(synthetic.TEMPLATES[kind][0], kind) for kind in ("colour", "shape", "position")]
+    for n, (question, kind) in enumerate(questions, 1):
+        ask(page, question)
+        reply = wait_for_reply(page, n)
+        assert truth[kind] in reply.lower(), f"{question!r}: {reply!r}, expected {truth[kind]!r}"
+    page.screenshot(path=README_PICTURE)
 
 
 def test_bad_input_gets_a_message_in_the_page(open_tab, tmp_path):
