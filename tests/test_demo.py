@@ -212,17 +212,16 @@ def test_a_trained_export_answers_right_in_the_page_and_the_readme_shows_it(open
         pytest.skip(f"needs a trained export: {DEMO_EXPORT_ENV}=outputs/offline/stage1 (train it with the "
                     "README's quickstart)")
     scene_file = tmp_path / "scene.png"
-    image, scene = synthetic.draw_scene(np.random.default_rng(2026))  # not a training seed's scene
+    rng = np.random.default_rng(2026)  # not a training seed's scene
+    image, scene = synthetic.draw_scene(rng)
     image.save(scene_file)
-    truth = synthetic.answers(scene)
     page = open_tab()
     upload(page, scene_file)
     expect(page.locator("#llava-image img")).to_be_visible()
-    questions = [(synthetic.TEMPLATES[kind][0], kind) for kind in ("colour", "shape", "position")]
-    for n, (question, kind) in enumerate(questions, 1):
+    for n, (kind, (question, answer)) in enumerate(synthetic.questions(scene, rng).items(), 1):
         ask(page, question)
         reply = wait_for_reply(page, n)
-        assert truth[kind] in reply.lower(), f"{question!r}: {reply!r}, expected {truth[kind]!r}"
+        assert answer.lower() in reply.lower(), f"{kind}: {question!r} -> {reply!r}, expected {answer!r}"
     page.screenshot(path=README_PICTURE)
 
 
