@@ -40,10 +40,15 @@ def add_lora(model: LlavaForConditionalGeneration, t: cfg.TrainConfig, *, seed: 
     return peft_model
 
 
+def cpu_bf16_autocast(t: cfg.TrainConfig) -> bool:
+    """True when training runs under bf16 autocast on a CPU: asked for, no GPU, and bf16 instructions."""
+    return t.cpu_bf16 and not torch.cuda.is_available() and cpu_has_bf16()
+
+
 def narrows_frozen_weights(t: cfg.TrainConfig) -> bool:
     """True when training stores frozen linear weights in bf16: on a CPU under bf16 autocast, which casts
     them to bf16 for every product anyway (a GPU keeps them in fp16 already)."""
-    return t.bf16_frozen and t.cpu_bf16 and not torch.cuda.is_available() and cpu_has_bf16()
+    return t.bf16_frozen and cpu_bf16_autocast(t)
 
 
 def place_for_training(model: nn.Module, *, narrow: bool = False) -> torch.dtype:

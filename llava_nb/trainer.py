@@ -34,8 +34,7 @@ from .checkpoints import (
     save_trainable,
 )
 from .data import IGNORE_INDEX
-from .device import cpu_has_bf16
-from .stages import base_model
+from .stages import base_model, cpu_bf16_autocast
 
 
 class LlavaTrainer(Trainer):
@@ -254,7 +253,7 @@ def training_arguments(t: cfg.TrainConfig, checkpoint_dir: str | os.PathLike, *,
         fp16=cuda,  # a T4 has no bf16: fp16 autocast with loss scaling
         # CPU: bf16 autocast where the processor has bf16 matrix instructions (about 3x faster matmuls
         # here); weights stay fp32, so exports and logits are unaffected. Elsewhere fp32.
-        bf16=not cuda and t.cpu_bf16 and cpu_has_bf16(),
+        bf16=cpu_bf16_autocast(t),
         use_cpu=not cuda,  # also what makes several CPU processes (torchrun) one DDP group, over gloo
         logging_steps=t.logging_steps,
         logging_first_step=True,

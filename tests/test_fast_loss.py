@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from llava_nb import data, sources, streams, trainer
+from llava_nb import data, device, sources, streams, trainer
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,6 @@ def with_padding(batch: dict, columns: int) -> dict:
 
 
 def test_training_attention_is_eager_on_a_cpu_and_sdpa_on_a_gpu(stage1):
-    from llava_nb import device
-
     want = "sdpa" if torch.cuda.is_available() else "eager"
     assert device.attention_implementation("auto") == want
     assert stage1.config._attn_implementation == stage1.config.text_config._attn_implementation == want
@@ -127,7 +125,7 @@ def test_less_work_same_loss_and_gradients(stage1, batch, tmp_path, attention):
         stage1.set_attn_implementation("sdpa" if torch.cuda.is_available() else "eager")
 
 
-@pytest.mark.skipif(not trainer.cpu_has_bf16(), reason="this CPU has no bf16 matrix instructions")
+@pytest.mark.skipif(not device.cpu_has_bf16(), reason="this CPU has no bf16 matrix instructions")
 def test_less_work_under_bf16_autocast_stays_within_rounding(stage1, batch, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     lean = trainer.LlavaTrainer(model=stage1, args=args, fast_loss=True, shared_prefix=True)
