@@ -305,9 +305,10 @@ def record(folder: str | Path) -> dict:
 
 def save_clip(model, folder: Path) -> None:
     """Write a CLIPModel as openai's repo has it: pytorch_model.bin (both towers), config, preprocessor."""
-    from transformers import CLIPImageProcessor
+    from .processing import image_processor_class
 
     torch.save(model.state_dict(), folder / "pytorch_model.bin")  # openai's format, not safetensors
     model.config.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                       image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(folder)
+    image_processor = image_processor_class()(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                              image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    image_processor.save_pretrained(folder)

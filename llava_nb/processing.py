@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import AddedToken
-from transformers import AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaProcessor, PreTrainedModel
+from transformers import AutoTokenizer, LlavaConfig, LlavaProcessor, PreTrainedModel
+from transformers.utils import is_torchvision_available
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -94,9 +95,21 @@ def load_processor(vision_dir: str | Path, lm_dir: str | Path, config: LlavaConf
     """Tokenizer from the LM folder (with our special tokens), image processor from the CLIP folder."""
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     add_special_tokens(tokenizer)
-    # CLIPImageProcessor, not AutoImageProcessor: transformers <= 5.15 gates the Auto class behind
-    # torchvision, while the CLIP class falls back to its PIL backend (CPU machines, CI).
-    return build_processor(tokenizer, CLIPImageProcessor.from_pretrained(vision_dir), config)
+    return build_processor(tokenizer, image_processor_class().from_pretrained(vision_dir), config)
+
+
+def image_processor_class() -> type:
+    """CLIP's image processor for this machine: the torchvision one where torchvision is installed (Colab),
+    else the PIL one. Named explicitly: transformers 5.15 gates AutoImageProcessor behind torchvision, and
+    asking for `CLIPImageProcessor` without it prints a fallback warning a user cannot act on. Both save
+    the same `preprocessor_config.json` (`CLIPImageProcessor`), which either loads."""
+    if is_torchvision_available():
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil
 
 
 def image_tokens_per_image(processor: LlavaProcessor) -> int:

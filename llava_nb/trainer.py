@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils.notebook import NotebookProgressCallback
 
 from . import config as cfg
 from .checkpoints import (
@@ -52,8 +51,13 @@ class LlavaTrainer(Trainer):
         self._staging: Path | None = None
         # tqdm's bar in notebooks too: transformers' notebook table (5.15 and 5.24) raises a TypeError in
         # on_train_end when training stops before max_steps (a StopAtStep demo), dividing by a None rate.
-        if any(isinstance(c, NotebookProgressCallback) for c in self.callback_handler.callbacks):
-            self.remove_callback(NotebookProgressCallback)
+        # Found by class name: importing transformers.utils.notebook needs IPython, which the commands
+        # do not install (Trainer adds that callback only inside a notebook, where IPython runs).
+        notebook_bars = [c for c in self.callback_handler.callbacks
+                         if type(c).__name__ == "NotebookProgressCallback"]
+        for callback in notebook_bars:
+            self.remove_callback(callback)
+        if notebook_bars:
             self.add_callback(ProgressCallback)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
