@@ -1,21 +1,26 @@
 """Small, seeded twins of the three hub repos the `t4` profile names, for tests without the hub.
 
-Each twin has its repo's file set and conventions, at a size a CPU trains in seconds:
+Each twin holds its repo's files in the formats, keys and dtypes the hub serves (written by the transformers
+of their day, not today's), with the sizes scaled down so that a CPU trains them in seconds:
 
-- `TinyLlama/TinyLlama-1.1B-Chat-v1.0`: a LlamaForCausalLM (untied head, bos 1, eos 2) with a
-  SentencePiece BPE tokenizer trained here with byte fallback (`tokenizer.model` and its
-  `tokenizer.json`), and `tokenizer_config.json` / `special_tokens_map.json` with the fields of the
-  published files: `LlamaTokenizer`, `add_bos_token: true`, `legacy: false`, pad `</s>`, the
-  Zephyr-style chat template.
-- `openai/clip-vit-base-patch32`: a full CLIPModel as `pytorch_model.bin` (both towers, the hub's key
-  names), 32-pixel patches at 224 px (49 patch tokens), narrow and shallow; the published
-  `preprocessor_config.json` in its old feature-extractor form.
-- `HuggingFaceH4/llava-instruct-mix-vsft`: parquet shards under `data/` with the dataset card's
-  `configs`, `train` and `test` splits: conversations of 1-10 exchanges, replies of a few words to a few
-  hundred, some longer than `max_length`, JPEG images of varied sizes and modes, a damaged image.
+- `TinyLlama/TinyLlama-1.1B-Chat-v1.0`: a 2-layer LlamaForCausalLM (untied head, bos 1, eos 2) whose
+  `model.safetensors` is bfloat16 and whose `config.json` is transformers 4.35's (`"torch_dtype": "bfloat16"`,
+  no `dtype`); a SentencePiece BPE tokenizer trained here with byte fallback (`tokenizer.model` and its
+  `tokenizer.json`), and `tokenizer_config.json` / `special_tokens_map.json` / `generation_config.json` with
+  the keys of the published files (`LlamaTokenizer`, `legacy: false`, pad `</s>`, the Zephyr-style chat
+  template, and no `add_bos_token` / `add_eos_token`).
+- `openai/clip-vit-base-patch32`: a full CLIPModel as float32 `pytorch_model.bin` (both towers, the hub's key
+  names with the `position_ids` buffers), 32-pixel patches at 224 px (49 patch tokens), narrow and shallow;
+  `config.json` in transformers 4.16's layout; the published `preprocessor_config.json` in its old
+  feature-extractor form.
+- `HuggingFaceH4/llava-instruct-mix-vsft`: parquet shards under `data/` and the dataset card's `dataset_info`
+  and `configs`, `train` and `test` splits: conversations of 1-10 exchanges, the question beside the image
+  keeping the newline that separated it from `<image>`, replies of a few words to a few hundred, some longer
+  than `max_length`, JPEG images of varied sizes and modes, a damaged image.
 
 `write_twins()` writes them once under the cache (atomically); `llava_nb.hub_server` serves them under
 their hub ids, so `snapshot_download` and `load_dataset(..., streaming=True)` run as on Colab.
+`tests/published_hub_files.py` holds the published values, and where they were read.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 from . import config as cfg
 from .fsutil import atomic_dir, is_complete
 
-TWIN_VERSION = 1  # bump when a twin's content changes: the cache folder is rebuilt
+TWIN_VERSION = 2  # bump when a twin's content changes: the cache folder is rebuilt
 LM_REPO = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 VISION_REPO = "openai/clip-vit-base-patch32"
 DATA_REPO = "HuggingFaceH4/llava-instruct-mix-vsft"
@@ -81,9 +86,10 @@ def write_twins(root: Path | None = None) -> Path:
 
 
 def write_tinyllama(folder: Path, corpus: list[str], *, seed: int = 0) -> None:
-    """A 2-layer LlamaForCausalLM with TinyLlama's conventions and a SentencePiece BPE tokenizer."""
+    """A 2-layer LlamaForCausalLM in bfloat16 with TinyLlama's files and a SentencePiece BPE tokenizer."""
     import sentencepiece as spm
     import torch
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
     from .processing import SYSTEM_PROMPT
@@ -99,8 +105,8 @@ def write_tinyllama(folder: Path, corpus: list[str], *, seed: int = 0) -> None:
         train_extremely_large_corpus=False, minloglevel=2,
     )
     (folder / "tokenizer.vocab").unlink()
+    # tokenizer_config.json as published: no add_bos_token / add_eos_token keys (the class's defaults apply)
     tokenizer_config = {
-        "add_bos_token": True, "add_eos_token": False,
         "added_tokens_decoder": {i: {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                      "single_word": False, "special": True} for i, t in _SPECIAL.items()},
         "bos_token": "<s>", "chat_template": TINYLLAMA_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
@@ -109,26 +115,68 @@ def write_tinyllama(folder: Path, corpus: list[str], *, seed: int = 0) -> None:
         "unk_token": "<unk>", "use_default_system_prompt": False,
     }
     _write_json(folder / "tokenizer_config.json", tokenizer_config)
-    # tokenizer.json as transformers converts it from tokenizer.model (what the hub repo ships beside it)
+    # tokenizer.json: today's conversion of tokenizer.model, rewritten in the layout the hub's file has
     tokenizer = LlamaTokenizer.from_pretrained(folder)
-    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    converted = json.loads(tokenizer.backend_tokenizer.to_str())
+    (folder / "tokenizer.json").write_text(json.dumps(llama2_tokenizer_json(converted), indent=2,
+                                                      ensure_ascii=False) + "\n")
     token = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
     _write_json(folder / "special_tokens_map.json",
                 {"bos_token": {"content": "<s>", **token}, "eos_token": {"content": "</s>", **token},
                  "pad_token": {"content": "</s>", **token}, "unk_token": {"content": "<unk>", **token}})
     _write_json(folder / "tokenizer_config.json", tokenizer_config)  # as published, not as re-saved
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, hidden_act="silu",
-        initializer_range=0.02, attention_bias=False,
-    )
+    config = tinyllama_config(vocab_size=len(tokenizer))
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)  # config.json, generation_config.json, model.safetensors
-    _write_json(folder / "generation_config.json",
-                {"bos_token_id": 1, "eos_token_id": 2, "max_length": 2048, "pad_token_id": 0})
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "torch_dtype"},
+                                         dtype=torch.float32))
+    # The hub's file: every tensor bfloat16, transformers 4.35's names, safetensors' "pt" metadata.
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    _write_json(folder / "config.json", config)
+    _write_json(folder / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "max_length": 2048,
+                                                    "pad_token_id": 0, "transformers_version": "4.35.0"})
+
+
+def llama2_tokenizer_json(converted: dict) -> dict:
+    """A tokenizer.json in the layout TinyLlama ships (Llama 2's, from transformers 4.3x's converter): a
+    Prepend + Replace normaliser and no pre-tokeniser, `<s>` added by the post-processor's template,
+    merges as "a b" strings; vocabulary, merges and added tokens from `converted`."""
+    model = converted["model"]
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": converted["added_tokens"],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                  "vocab": model["vocab"],
+                  "merges": [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]},
+    }
+
+
+def tinyllama_config(vocab_size: int) -> dict:
+    """TinyLlama's config.json as transformers 4.35 wrote it (`torch_dtype`, `pretraining_tp`, ...), narrowed:
+    2 layers of width 64, 4 heads sharing 2 key-value heads, this tokenizer's vocabulary."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 176,
+        "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.35.0", "use_cache": True, "vocab_size": vocab_size,
+    }
 
 
 def write_web_images(folder: Path, rng: np.random.Generator) -> None:
@@ -146,14 +194,24 @@ def write_web_images(folder: Path, rng: np.random.Generator) -> None:
 
 
 def write_clip(folder: Path, *, seed: int = 0) -> None:
-    """A CLIPModel with ViT-B/32's patching (224 px, 32 px patches) and a 64-wide, 2-layer vision tower."""
+    """A CLIPModel with ViT-B/32's patching (224 px, 32 px patches) and a 64-wide, 2-layer vision tower, in
+    openai's files: float32 `pytorch_model.bin` with transformers 4.16's keys, and its 4.16 `config.json`."""
+    import torch
+
     from .sources import write_random_clip
 
     folder.mkdir(parents=True)
-    write_random_clip(folder, vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=2, projection_dim=32),
-                      text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1), seed=seed)
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "projection_dim": 32}
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 1000}
+    write_random_clip(folder, vision=vision, seed=seed,
+                      text={**text, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1})
+    state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    for tower, positions in (("text_model", 77), ("vision_model", (224 // 32) ** 2 + 1)):  # 4.16 saved them
+        state.setdefault(f"{tower}.embeddings.position_ids", torch.arange(positions).unsqueeze(0))
+    torch.save(state, folder / "pytorch_model.bin")
+    _write_json(folder / "config.json", clip_config(vision, text, projection_dim=32))
     # openai/clip-vit-base-patch32 publishes the old feature-extractor form of the image settings.
     _write_json(folder / "preprocessor_config.json", {
         "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
@@ -162,38 +220,99 @@ def write_clip(folder: Path, *, seed: int = 0) -> None:
     })
 
 
+# A sub-config as transformers 4.16's PretrainedConfig.to_dict() wrote it, generation defaults included.
+_OLD_SUBCONFIG = {
+    "_name_or_path": "", "add_cross_attention": False, "architectures": None, "bad_words_ids": None,
+    "chunk_size_feed_forward": 0, "cross_attention_hidden_size": None, "decoder_start_token_id": None,
+    "diversity_penalty": 0.0, "do_sample": False, "early_stopping": False, "encoder_no_repeat_ngram_size": 0,
+    "finetuning_task": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "is_decoder": False, "is_encoder_decoder": False,
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "length_penalty": 1.0, "max_length": 20, "min_length": 0,
+    "no_repeat_ngram_size": 0, "num_beam_groups": 1, "num_beams": 1, "num_return_sequences": 1,
+    "output_attentions": False, "output_hidden_states": False, "output_scores": False, "prefix": None,
+    "problem_type": None, "pruned_heads": {}, "remove_invalid_values": False, "repetition_penalty": 1.0,
+    "return_dict": True, "return_dict_in_generate": False, "sep_token_id": None, "task_specific_params": None,
+    "temperature": 1.0, "tie_encoder_decoder": False, "tie_word_embeddings": True, "tokenizer_class": None,
+    "top_k": 50, "top_p": 1.0, "torch_dtype": None, "torchscript": False,
+    "transformers_version": "4.16.0.dev0", "use_bfloat16": False,
+}
+
+
+def clip_config(vision: dict, text: dict, *, projection_dim: int) -> dict:
+    """openai/clip-vit-base-patch32's config.json (transformers 4.16's layout: full nested sub-configs,
+    `*_config_dict` null, no dtype anywhere but `torch_dtype: null`) with the towers' sizes given."""
+    tower = {**_OLD_SUBCONFIG, "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu",
+             "initializer_factor": 1.0, "initializer_range": 0.02, "layer_norm_eps": 1e-05}
+    return {
+        "_name_or_path": "openai/clip-vit-base-patch32", "architectures": ["CLIPModel"],
+        "initializer_factor": 1.0, "logit_scale_init_value": 2.6592, "model_type": "clip",
+        "projection_dim": projection_dim,
+        "text_config": {**tower, "bos_token_id": 0, "eos_token_id": 2, "max_position_embeddings": 77,
+                        "model_type": "clip_text_model", "pad_token_id": 1, "projection_dim": projection_dim,
+                        **{k: text[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                "num_hidden_layers", "vocab_size")}},
+        "text_config_dict": None,
+        "transformers_version": None,
+        "vision_config": {**tower, "bos_token_id": None, "eos_token_id": None, "image_size": 224,
+                          "model_type": "clip_vision_model", "pad_token_id": None, "patch_size": 32,
+                          **{k: vision[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                    "num_hidden_layers", "projection_dim")}},
+        "vision_config_dict": None,
+    }
+
+
 # ------------------------------------------------------------------------------- llava-instruct-mix-vsft
 
 
 def write_vsft(folder: Path, rng: np.random.Generator, *, n_train: int = 96, n_test: int = 24) -> None:
-    """Parquet shards `data/{split}-0000i-of-0000n.parquet` and the dataset card, in the hub's schema."""
+    """Parquet shards `data/{split}-0000i-of-0000n.parquet` and the dataset card (`dataset_info` beside
+    `configs`, as the hub's card has them), in the hub's schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .synthetic import FEATURES
 
     (folder / "data").mkdir(parents=True)
+    splits, download_size = [], 0
     for split, n, shards in (("train", n_train, 2), ("test", n_test, 1)):
         rows = [vsft_row(rng, damaged=(split == "train" and i == 5)) for i in range(n)]
         per_shard = -(-n // shards)
+        num_bytes = 0
         for s in range(shards):
             table = pa.Table.from_pylist(rows[s * per_shard:(s + 1) * per_shard], schema=FEATURES.arrow_schema)
-            pq.write_table(table, folder / "data" / f"{split}-{s:05d}-of-{shards:05d}.parquet")
+            path = folder / "data" / f"{split}-{s:05d}-of-{shards:05d}.parquet"
+            pq.write_table(table, path)
+            num_bytes += table.nbytes
+            download_size += path.stat().st_size
+        splits.append((split, num_bytes, n))
+    split_lines = "".join(f"  - name: {name}\n    num_bytes: {num_bytes}\n    num_examples: {n}\n"
+                          for name, num_bytes, n in splits)
     (folder / "README.md").write_text(
-        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
-        "  - split: test\n    path: data/test-*\n---\n# Twin of HuggingFaceH4/llava-instruct-mix-vsft (llava_nb.twins)\n")
+        "---\ndataset_info:\n  features:\n  - name: messages\n    list:\n    - name: content\n      list:\n"
+        "      - name: index\n        dtype: int64\n      - name: text\n        dtype: string\n"
+        "      - name: type\n        dtype: string\n    - name: role\n      dtype: string\n"
+        "  - name: images\n    sequence: image\n  splits:\n" + split_lines +
+        f"  download_size: {download_size}\n  dataset_size: {sum(b for _, b, _ in splits)}\n"
+        "configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
+        "  - split: test\n    path: data/test-*\n---\n"
+        "# Twin of HuggingFaceH4/llava-instruct-mix-vsft (llava_nb.twins)\n")
 
 
 def vsft_row(rng: np.random.Generator, *, damaged: bool = False) -> dict:
-    """One conversation about one JPEG: 1-10 exchanges (mostly few), replies of 2 to ~300 words."""
+    """One conversation about one JPEG: 1-10 exchanges (mostly few), replies of 2 to ~300 words; the first
+    question beside the image, with the newline toward it."""
     n_turns = int(rng.choice([1, 1, 1, 2, 3, 5, 10]))
     messages = []
     for turn in range(n_turns):
         question = QUESTIONS[int(rng.integers(len(QUESTIONS)))]
         content = [{"index": None, "text": question, "type": "text"}]
-        if turn == 0:  # the image comes before or after the question text, as in the real data
+        if turn == 0:  # the image comes before or after the question text, as in the real data, where the
+            # text keeps the newline that separated it from LLaVA's `<image>`: "\nWhat ...", "Who ...?\n"
             image_item = {"index": 0, "text": None, "type": "image"}
-            content = [image_item, *content] if rng.random() < 0.7 else [*content, image_item]
+            if rng.random() < 0.7:
+                content = [image_item, {**content[0], "text": "\n" + question}]
+            else:
+                content = [{**content[0], "text": question + "\n"}, image_item]
         messages.append({"role": "user", "content": content})
         long_reply = rng.random() < 0.1
         reply = _sentence(rng, 150, 300) if long_reply else _sentence(rng, 2, 40)
