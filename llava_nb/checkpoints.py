@@ -21,6 +21,7 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .device import set_config_dtype
 from .fsutil import MANIFEST, atomic_dir, is_complete, write_manifest
 from .sources import load_state_dict
 
@@ -145,7 +146,9 @@ def export(model: nn.Module, processor: Any, folder: str | os.PathLike, *, summa
     """Write a folder that plain transformers loads (config, model.safetensors, generation config,
     processor with tokenizer and chat template), atomically: a killed export leaves the previous one.
 
-    A peft model is merged first. `dtype` defaults to the frozen weights' dtype (fp16 on a GPU).
+    A peft model is merged first. `dtype` defaults to the frozen weights' dtype (fp16 on a GPU); config.json
+    names it (`dtype`, in the model's config and its text and vision configs), so that from_pretrained's
+    default builds every part in the dtype the weights are stored in.
     """
     from peft import PeftModel
 
@@ -154,6 +157,7 @@ def export(model: nn.Module, processor: Any, folder: str | os.PathLike, *, summa
     if dtype is None:
         dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
     model = model.to(dtype).eval()
+    set_config_dtype(model.config, dtype)
     model.requires_grad_(False)
     model.config.use_cache = model.config.text_config.use_cache = True  # Trainer and stage_model cleared it
     with atomic_dir(folder) as tmp:

@@ -3,6 +3,10 @@
 - GPU (a T4): frozen weights in fp16 (a T4 has no bfloat16), fp16 autocast with loss scaling in training;
 - CPU: fp32 weights; in training, where the processor has bf16 matrix instructions, bf16 autocast with
   frozen linear weights stored in bf16 (stages.place_for_training); eager attention (faster there).
+
+Whatever the sources are stored in (TinyLlama's weights and config are bfloat16, CLIP's float32), weight
+surgery builds every part in fp32 on the CPU (`set_config_dtype`), and an export's config.json says the
+dtype its weights are stored in.
 """
 
 from __future__ import annotations
@@ -27,6 +31,20 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
 def frozen_dtype() -> torch.dtype:
     """The dtype frozen weights train in: fp16 on a GPU (half the memory of a T4), fp32 on the CPU."""
     return torch.float16 if torch.cuda.is_available() else torch.float32
+
+
+def set_config_dtype(config, dtype: torch.dtype):
+    """Name `dtype` in a model config and in each of its sub-configs, and return it.
+
+    transformers 5 builds each sub-model in its own config's dtype (a LlavaConfig whose text_config came
+    from TinyLlama's `"torch_dtype": "bfloat16"` builds the language model in bf16 beside an fp32 vision
+    tower), and save_pretrained writes each config's `dtype`: saying one dtype everywhere keeps the model
+    one precision and its config.json true to its weights."""
+    config.dtype = dtype
+    for name in getattr(config, "sub_configs", {}):
+        if getattr(config, name, None) is not None:
+            set_config_dtype(getattr(config, name), dtype)
+    return config
 
 
 def attention_implementation(requested: str = "auto") -> str:

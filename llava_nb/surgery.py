@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, CLIPConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from . import config as cfg
+from .device import set_config_dtype
 from .sources import Backbones, load_state_dict
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,11 @@ log = logging.getLogger(__name__)
 VISION_PREFIX = "vision_model."  # openai's full CLIP file: vision_model.*, text_model.*, projections
 
 
-def llava_config(vision_config, text_config, model_cfg: cfg.ModelConfig) -> LlavaConfig:
-    """LlavaConfig for these backbones (the image token id is set later, by processing)."""
-    return LlavaConfig(
+def llava_config(vision_config, text_config, model_cfg: cfg.ModelConfig,
+                 dtype: torch.dtype = torch.float32) -> LlavaConfig:
+    """LlavaConfig for these backbones (the image token id is set later, by processing), every part in
+    `dtype`: not in the dtype a backbone's own config names (TinyLlama's says bfloat16)."""
+    config = LlavaConfig(
         vision_config=vision_config, text_config=text_config,
         vision_feature_layer=model_cfg.vision_feature_layer,
         vision_feature_select_strategy=model_cfg.vision_feature_select_strategy,
@@ -31,6 +34,7 @@ def llava_config(vision_config, text_config, model_cfg: cfg.ModelConfig) -> Llav
         image_seq_length=num_image_tokens(vision_config, model_cfg.vision_feature_select_strategy),
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
+    return set_config_dtype(config, dtype)
 
 
 def num_image_tokens(vision_config, strategy: str = "default") -> int:
@@ -151,7 +155,8 @@ def parameters_by_part(model: LlavaForConditionalGeneration) -> dict[str, dict[s
 
 
 def assemble(backbones: Backbones, model_cfg: cfg.ModelConfig, *, seed: int = 0) -> LlavaForConditionalGeneration:
-    """Build the LLaVA model, load both backbones by explicit key maps, freeze them (fp32, CPU)."""
+    """Build the LLaVA model, load both backbones by explicit key maps, freeze them (fp32, CPU, whatever
+    the backbones are stored in: bf16 weights are copied in exactly, as fp32 holds every bf16 value)."""
     config = config_from_backbones(backbones, model_cfg)
     torch.manual_seed(seed)  # the projector's initial weights
     model = LlavaForConditionalGeneration(config)

@@ -1,13 +1,23 @@
-"""Weight surgery: explicit key maps with shape checks, errors that name the key, frozen backbones."""
+"""Weight surgery: explicit key maps with shape checks, errors that name the key, frozen backbones, one
+precision whatever the sources are stored in, and exports whose config.json says their weights' dtype."""
 
+import json
 import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+)
 
-from llava_nb import config, sources, surgery
+from llava_nb import checkpoints, config, sources, surgery
 
 PROJECTOR = "model.multi_modal_projector."
 
@@ -87,6 +97,71 @@ def test_tiny_untied_assembly_equals_its_sources(tiny):
         assert torch.equal(value, clip["vision_model." + key]), key
     ids = torch.randint(0, 128, (2, 9))
     assert surgery.text_logits_max_diff(model, lm, ids) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def bf16_lm(tiny, tmp_path_factory):
+    """The tiny LM as TinyLlama publishes its own: bf16 safetensors, a config saying "torch_dtype": "bfloat16"
+    (transformers 4.35's key, no `dtype`)."""
+    backbones, lm = tiny
+    folder = tmp_path_factory.mktemp("bf16") / "lm"
+    folder.mkdir()
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in lm.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    lm_config = json.loads((backbones.lm_dir / "config.json").read_text())
+    lm_config.pop("dtype", None)
+    (folder / "config.json").write_text(json.dumps({**lm_config, "torch_dtype": "bfloat16"}))
+    return sources.Backbones(vision_dir=backbones.vision_dir, lm_dir=folder), state
+
+
+def _dtypes(model) -> dict[str, set]:
+    return {part: {p.dtype for n, p in model.named_parameters() if n.startswith(prefix)}
+            for part, prefix in surgery.PARTS.items()}
+
+
+def test_a_bf16_language_model_is_assembled_in_fp32_exactly(bf16_lm):
+    """transformers 5 builds a sub-model in its config's dtype: from TinyLlama's "bfloat16" the language model
+    came out bf16 beside an fp32 head, projector and vision tower, and the first forward failed (BFloat16 !=
+    float). Assembled, every part is fp32 as device.py says, each bf16 weight copied exactly (fp32 holds every
+    bf16 value), and the logits are the source's, loaded as the tests and notebook 02 load it."""
+    backbones, state = bf16_lm
+    model = surgery.assemble(backbones, config.ModelConfig())
+    assert _dtypes(model) == {part: {torch.float32} for part in surgery.PARTS}
+    assert [c.dtype for c in (model.config, model.config.text_config, model.config.vision_config)] == \
+        [torch.float32] * 3
+    language = model.model.language_model.state_dict()
+    for key, value in state.items():
+        target = model.lm_head.weight if key == "lm_head.weight" else language[key.removeprefix("model.")]
+        assert torch.equal(target, value.float()), key
+    source = AutoModelForCausalLM.from_pretrained(backbones.lm_dir, dtype=torch.float32).eval()
+    assert {p.dtype for p in source.parameters()} == {torch.float32}
+    assert surgery.text_logits_max_diff(model.eval(), source, torch.randint(0, 128, (2, 9))) <= 1e-5
+
+
+class _NoProcessor:
+    def save_pretrained(self, folder):
+        pass
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_an_export_says_the_dtype_its_weights_are_stored_in(bf16_lm, tmp_path, dtype):
+    """config.json says `dtype` as transformers 5 writes it, in the model's config and in its text and vision
+    configs, and that is the dtype of every tensor in model.safetensors; loaded with from_pretrained's
+    default, every part comes back in it. `None`: the frozen weights' dtype (fp32 on a CPU)."""
+    backbones, _ = bf16_lm
+    model = surgery.assemble(backbones, config.ModelConfig())
+    checkpoints.export(model, _NoProcessor(), tmp_path / "export", dtype=dtype)
+    expected = dtype or torch.float32
+    name = str(expected).removeprefix("torch.")
+    saved = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert [saved.get("dtype"), saved["text_config"].get("dtype"), saved["vision_config"].get("dtype")] == \
+        [name] * 3
+    assert "torch_dtype" not in json.dumps(saved)
+    with safe_open(tmp_path / "export" / "model.safetensors", framework="pt") as f:
+        stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert stored == {{"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[name]}
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export")
+    assert _dtypes(loaded) == {part: {expected} for part in surgery.PARTS}
 
 
 def test_vision_weights_report_the_ignored_text_half(tiny):

@@ -157,6 +157,20 @@ def test_stage1_export_keeps_the_language_model_exact(stage1, source_lm):
     assert surgery.text_logits_max_diff(model, source_lm, ids) < 1e-4
 
 
+def test_the_stage1_export_says_the_dtype_its_weights_are_stored_in(stage1):
+    """config.json's `dtype` (transformers 5's key), in the model's config and its text and vision configs,
+    is the dtype of every tensor in model.safetensors: the frozen weights' (fp32 on a CPU, fp16 on a GPU),
+    not the bfloat16 TinyLlama's config names."""
+    from safetensors import safe_open
+
+    saved = json.loads((stage1.export_dir / "config.json").read_text())
+    names = {saved.get("dtype"), saved["text_config"].get("dtype"), saved["vision_config"].get("dtype")}
+    with safe_open(stage1.export_dir / "model.safetensors", framework="pt") as f:
+        stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+    expected = "float16" if torch.cuda.is_available() else "float32"
+    assert names == {expected} and stored == {{"float16": "F16", "float32": "F32"}[expected]}
+
+
 def test_stage2_changes_only_the_projector_and_lora_targets(stage1, tiny, tmp_path):
     run = train.train(tiny, 2, output_dir=tmp_path / "stage2", init_from=stage1.export_dir)
     p = run.parameters
