@@ -35,8 +35,9 @@ def test_each_twin_has_its_repos_files(root):
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in lm.iterdir()}
     published = json.loads((lm / "tokenizer_config.json").read_text())
-    # as TinyLlama publishes it: no add_bos_token / add_eos_token keys; the tokenizer adds <s> by default (below)
-    assert published["tokenizer_class"] == "LlamaTokenizer" and not {"add_bos_token", "add_eos_token"} & set(published)
+    # as TinyLlama publishes it: no add_bos_token / add_eos_token keys (tokenizer.json's template adds <s>)
+    assert published["tokenizer_class"] == "LlamaTokenizer"
+    assert not {"add_bos_token", "add_eos_token"} & set(published)
     assert published["legacy"] is False and published["pad_token"] == "</s>"
     assert published["chat_template"] == twins.TINYLLAMA_CHAT_TEMPLATE
     config = AutoConfig.from_pretrained(lm)
