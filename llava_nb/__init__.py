@@ -12,7 +12,7 @@ only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks
     floor 6  stages       what trains in stage 1 and 2, LoRA, precision of frozen weights, unwrapping
              infer        loading an export, images, generation, streaming, the Chat
              runs         where a run's folders live (repository, Drive, tests), finding an export
-             memory       the T4 memory plan on paper
+             memory       the T4 memory plan on paper, and the full-size measurement beside it
     floor 5  checkpoints  trainable-state save/load, resume point, atomic commit, export, export checks
              streams      streams of samples (hub id or files), the training stream, held-out lists
              surgery      assembling LlavaForConditionalGeneration by explicit key maps
