@@ -7,6 +7,7 @@ from pathlib import Path
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, LlavaConfig, LlavaProcessor, PreTrainedModel
 from transformers.utils import is_torchvision_available
+from transformers.utils import logging as hf_logging
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -67,7 +68,13 @@ def resize_embeddings(model: PreTrainedModel, tokenizer) -> None:
     the old ones, as transformers does) and keep the config's special-token ids in step."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         frozen = not model.get_input_embeddings().weight.requires_grad
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
+        # mean_resizing is chosen, so transformers' note on it (a warning) says nothing a user can act on
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         if frozen:  # resizing makes fresh, trainable tensors
             model.get_input_embeddings().requires_grad_(False)
             model.get_output_embeddings().requires_grad_(False)
