@@ -1,4 +1,4 @@
-"""Small, seeded twins of the three hub repos the `t4` profile names, for tests without the hub.
+"""Small, seeded twins of the hub repos the `t4` profile reads, for tests without the hub.
 
 Each twin has its repo's file set and conventions, at a size a CPU trains in seconds:
 
