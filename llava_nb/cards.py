@@ -30,8 +30,8 @@ HUB_IDS = {"offline:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct
 # Each source's licence: the tag its hub card carries (None: it carries none), and what the card says.
 LICENSES: dict[str, tuple[str | None, str]] = {
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": ("apache-2.0", "apache-2.0 (the `license` tag of its model card)"),
-    "openai/clip-vit-base-patch32": (None, "no `license` tag on its model card; OpenAI's CLIP repository, which "
-                                           "published these weights, is under the MIT licence "
+    "openai/clip-vit-base-patch32": (None, "no `license` tag on its model card; OpenAI's CLIP repository, "
+                                           "which published these weights, is under the MIT licence "
                                            "(https://github.com/openai/CLIP/blob/main/LICENSE)"),
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("apache-2.0", "apache-2.0 (the `license` tag of its model card)"),
     "offline:clip-scenes": ("apache-2.0", "pretrained by llava_nb on drawn scenes; apache-2.0, as llava_nb"),
@@ -53,8 +53,8 @@ def sources(summary: dict | None) -> dict[str, str]:
         p = cfg.get_profile(summary["profile"]).model
         model = {"vision_id": p.vision_id, "lm_id": p.lm_id}
     data = (summary.get("data") or {}).get("dataset")
-    return {k: v for k, v in {"vision": model.get("vision_id"), "lm": model.get("lm_id"), "data": data}.items()
-            if v}
+    found = {"vision": model.get("vision_id"), "lm": model.get("lm_id"), "data": data}
+    return {k: v for k, v in found.items() if v}
 
 
 def license_fields(ids: Sequence[str]) -> dict[str, str]:
@@ -74,9 +74,11 @@ def card_data(summary: dict | None, results: Sequence[EvalResult], model_name: s
     src = sources(summary)
     base = [HUB_IDS.get(src[k], src[k]) for k in ("vision", "lm") if k in src]
     base = [b for b in base if not b.startswith(cfg.OFFLINE_PREFIX)]  # made here: not on the hub
-    data = [src["data"]] if src.get("data") and "/" in src["data"] and not Path(src["data"]).exists() else None
+    hub_data = src.get("data") and "/" in src["data"] and not Path(src["data"]).exists()  # not a local path
+    data = [src["data"]] if hub_data else None
     fields = license_fields([src[k] for k in ("vision", "lm") if k in src])
-    return ModelCardData(base_model=base or None, datasets=data, pipeline_tag=TASK, library_name="transformers",
+    return ModelCardData(base_model=base or None, datasets=data, pipeline_tag=TASK,
+                         library_name="transformers",
                          tags=["llava", "vision-language", "image-text-to-text", "llava_nb"],
                          model_name=model_name, eval_results=list(results) or None, **fields)
 
@@ -88,7 +90,8 @@ def training_results(summary: dict | None) -> list[EvalResult]:
         return []
     dataset = (summary.get("data") or {}).get("dataset") or "unknown"
     samples = (summary.get("train") or {}).get("eval_samples")
-    return [_result(dataset, "test", "loss", "eval loss", round(float(loss), 4), "train", {"samples": samples})]
+    return [_result(dataset, "test", "loss", "eval loss", round(float(loss), 4), "train",
+                    {"samples": samples})]
 
 
 def results_from_metrics(metrics: dict[str, Any]) -> list[EvalResult]:
@@ -112,11 +115,13 @@ def _result(dataset: str, split: str, metric: str, label: str, value: Any, by: s
             name: str | None = None) -> EvalResult:
     return EvalResult(task_type=TASK, dataset_type=dataset, dataset_name=name or dataset.split("/")[-1],
                       dataset_split=split, dataset_args={k: v for k, v in args.items() if v is not None},
-                      metric_type=metric, metric_name=label, metric_value=value, metric_config=MEASURED_BY[by])
+                      metric_type=metric, metric_name=label, metric_value=value,
+                      metric_config=MEASURED_BY[by])
 
 
 def _same(a: EvalResult, b: EvalResult) -> bool:
-    return (a.dataset_type, a.dataset_split, a.metric_type) == (b.dataset_type, b.dataset_split, b.metric_type)
+    return ((a.dataset_type, a.dataset_split, a.metric_type)
+            == (b.dataset_type, b.dataset_split, b.metric_type))
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -128,15 +133,16 @@ def render(summary: dict | None, results: Sequence[EvalResult], model_name: str)
     src = sources(summary)
     lines = [f"# {model_name}", "",
              "A LLaVA-style vision-language model (`LlavaForConditionalGeneration`): "
-             f"{_name(src.get('vision'), 'a CLIP vision tower')} sees, {_name(src.get('lm'), 'a language model')}"
-             " talks, and a 2-layer MLP projector joins them. Trained with llava_nb (llava-on-a-budget).", ""]
+             f"{_name(src.get('vision'), 'a CLIP vision tower')} sees, "
+             f"{_name(src.get('lm'), 'a language model')} talks, and a 2-layer MLP projector joins them. "
+             "Trained with llava_nb (llava-on-a-budget).", ""]
     lines += ["## Recipe", "", *_recipe(summary), "", "## Scores", ""]
     if results:
         lines += ["| benchmark | split | metric | value | measured on | by |", "|---|---|---|---:|---|---|"]
         lines += [f"| {r.dataset_name} | {r.dataset_split} | {r.metric_name} | {r.metric_value} | "
                   f"{_args(r.dataset_args)} | {r.metric_config} |" for r in results]
-        lines += ["", "Accuracy, F1, precision, recall and yes-ratio are fractions (0.5 = 50 %); POPE's F1 is "
-                  "that of the answer \"yes\"."]
+        lines += ["", "Accuracy, F1, precision, recall and yes-ratio are fractions (0.5 = 50 %); "
+                  "POPE's F1 is that of the answer \"yes\"."]
     else:
         lines.append("None measured yet: `python -m llava_nb.evaluate --checkpoint <this folder>`.")
     lines += ["", "## How to load", "", "```python", "from transformers import AutoProcessor, "
@@ -169,10 +175,13 @@ def _recipe(summary: dict | None) -> list[str]:
     t, stage = summary["train"], summary.get("stage")
     what = "the projector alone (vision tower and language model frozen)" if stage == 1 else (
         f"the projector and a LoRA adapter of rank {t.get('lora_r')} on the language model (merged)")
-    return ["| profile | stage | steps | batch | learning rate | dataset | seed |", "|---|---|---:|---|---|---|---:|",
-            f"| {summary.get('profile')} | {stage} | {t.get('max_steps')} | {t.get('per_device_train_batch_size')} "
-            f"per device x {t.get('gradient_accumulation_steps')} accumulation | {t.get('learning_rate')}, cosine to "
-            f"{t.get('min_lr')}, warmup {t.get('warmup_steps')} | {summary.get('dataset')} | {summary.get('seed')} |",
+    batch = (f"{t.get('per_device_train_batch_size')} per device x {t.get('gradient_accumulation_steps')} "
+             "accumulation")
+    lr = f"{t.get('learning_rate')}, cosine to {t.get('min_lr')}, warmup {t.get('warmup_steps')}"
+    return ["| profile | stage | steps | batch | learning rate | dataset | seed |",
+            "|---|---|---:|---|---|---|---:|",
+            f"| {summary.get('profile')} | {stage} | {t.get('max_steps')} | {batch} | {lr} | "
+            f"{summary.get('dataset')} | {summary.get('seed')} |",
             "", f"Stage {stage} trained {what}."
             + (f" It started from `{summary['init_from']}`." if summary.get("init_from") else "")]
 
@@ -191,8 +200,8 @@ def write_card(folder: str | os.PathLike, summary: dict | None, results: Sequenc
     if results is None:
         results = training_results(summary)
     if model_name is None:
-        model_name = (f"llava_nb-{summary['profile']}-stage{summary['stage']}" if summary and "stage" in summary
-                      else folder.name)
+        staged = summary and "stage" in summary
+        model_name = f"llava_nb-{summary['profile']}-stage{summary['stage']}" if staged else folder.name
     text = str(render(summary, results, model_name))
     before = folder.stat()
     fd, tmp = tempfile.mkstemp(prefix=f".{CARD_FILE}.", dir=folder)

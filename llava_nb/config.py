@@ -110,7 +110,7 @@ class EvalConfig:
     limit: int = 100  # test samples (offline: 64 take about 40 s on 2 idle CPU cores)
     max_new_tokens: int = 48  # the longest answer (offline answers are one word and a full stop)
     pope_questions: int = 300  # POPE (`--benchmark pope`): 50 per category and answer (README: time on a T4)
-    benchmark: str = "pope"  # the score notebook 06 charts before/after training: 'pope', or 'test' (the split's)
+    benchmark: str = "pope"  # what notebook 06 charts before/after training: 'pope', or 'test' (the split's)
 
 
 @dataclass(frozen=True)

@@ -203,8 +203,8 @@ def evaluate(model, processor, profile: cfg.Profile, limit: int | None = None, *
                 "image": t["images"][0] if t["images"] else None}
                for t, reply in zip(turns, replies)]
     metrics = _metrics(answers, QUESTION_KINDS if offline else ())
-    metrics |= {"benchmark": "test", "dataset": profile.data.dataset,
-                "eval_loss": round(loss, 4), "n": len(samples), "eval_tokens": tokens, "profile": profile.name,
+    metrics |= {"benchmark": "test", "dataset": profile.data.dataset, "eval_loss": round(loss, 4),
+                "n": len(samples), "eval_tokens": tokens, "profile": profile.name,
                 "checkpoint": name, "max_new_tokens": max_new_tokens,
                 "seconds": round(time.perf_counter() - start, 1)}
     if skipped:
@@ -228,8 +228,8 @@ def _metrics(answers: list[dict], kinds: Sequence[str]) -> dict[str, Any]:
     return {"accuracy": accuracy, "n_questions": len(answers), "per_kind": per_kind}
 
 
-def evaluate_pope(model, processor, profile: cfg.Profile, limit: int | None = None, *, source: str = pope.REPO,
-                  batch_size: int = BATCH_SIZE, max_new_tokens: int | None = None,
+def evaluate_pope(model, processor, profile: cfg.Profile, limit: int | None = None, *,
+                  source: str = pope.REPO, batch_size: int = BATCH_SIZE, max_new_tokens: int | None = None,
                   questions: list[dict] | None = None, progress: Callable[[str], None] | None = None,
                   name: str = "") -> Evaluation:
     """POPE on `limit` questions (default: the profile's `eval.pope_questions`): each image with its
@@ -338,15 +338,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"default: ${cfg.PROFILE_ENV}, else 'offline' under tests, else 't4'")
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="test",
                         help="'test': the eval loss and short answers of the profile's test split (default); "
-                             f"'pope': POPE's yes/no questions ({pope.REPO}, a seeded subset balanced over its "
-                             "categories and answers; needs the hub or --dataset)")
+                             f"'pope': POPE's yes/no questions ({pope.REPO}, a seeded subset balanced "
+                             "over its categories and answers; needs the hub or --dataset)")
     parser.add_argument("--dataset", default=None,
                         help="hub id or local folder/files whose test split to score (default: the "
                              f"profile's; for --benchmark pope, {pope.REPO}); "
                              f"replies of at most {MAX_ANSWER_WORDS} words are scored by exact match")
     parser.add_argument("--limit", type=int, default=None,
-                        help="test samples to evaluate (default: the profile's, " + _per_profile("limit") + "); "
-                             "POPE: questions (" + _per_profile("pope_questions") + ")")
+                        help="test samples to evaluate (default: the profile's, " + _per_profile("limit")
+                             + "); POPE: questions (" + _per_profile("pope_questions") + ")")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help=f"samples per forward pass and per generate call (default: {BATCH_SIZE})")
     parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -371,8 +371,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         name = args.checkpoint if args.checkpoint == UNTRAINED else str(Path(args.checkpoint))
         if args.benchmark == "pope":
             result = evaluate_pope(model, processor, profile, args.limit, source=args.dataset or pope.REPO,
-                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=say,
-                                   name=name)
+                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                   progress=say, name=name)
         else:
             result = evaluate(model, processor, profile, args.limit, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, progress=say, name=name)

@@ -116,8 +116,8 @@ def _round(x: float | None) -> float | None:
 
 def format_table(m: dict[str, Any]) -> str:
     """Per-category and overall POPE metrics as aligned plain text (percentages)."""
-    head = f"{'category':<12}{'n':>5}{'accuracy':>10}{'precision':>11}{'recall':>8}{'F1':>8}{'yes':>7}{'other':>7}"
-    lines = [head]
+    lines = [f"{'category':<12}{'n':>5}{'accuracy':>10}{'precision':>11}{'recall':>8}{'F1':>8}{'yes':>7}"
+             f"{'other':>7}"]
     for name, row in [*m["per_category"].items(), ("all", m)]:
         if row["n"]:
             lines.append(f"{name:<12}{row['n']:>5}{_pct(row['accuracy']):>10}{_pct(row['precision']):>11}"
@@ -171,11 +171,12 @@ def questions(source: str = REPO, limit: int = 300, *, seed: int = 0, skipped: C
         seen += 1
         group = (row.get("category"), str(row.get("answer") or "").strip().lower())
         if group[0] not in CATEGORIES:
-            note_skip(skipped, SkipSample("unknown_category", f"row id {row.get('id')!r}: {group[0]!r} is not "
-                                          f"one of {CATEGORIES}"))
+            note_skip(skipped, SkipSample("unknown_category", f"row id {row.get('id')!r}: {group[0]!r} is "
+                                          f"not one of {CATEGORIES}"))
             continue
         if group[1] not in ANSWERS:
-            note_skip(skipped, SkipSample("not_yes_no", f"row id {row.get('id')!r}: answer {row.get('answer')!r}"))
+            note_skip(skipped, SkipSample("not_yes_no", f"row id {row.get('id')!r}: answer "
+                                          f"{row.get('answer')!r}"))
             continue
         key = _key(seed, row)
         heap = kept[group]

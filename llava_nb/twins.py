@@ -13,9 +13,10 @@ Each twin has its repo's file set and conventions, at a size a CPU trains in sec
 - `HuggingFaceH4/llava-instruct-mix-vsft`: parquet shards under `data/` with the dataset card's
   `configs`, `train` and `test` splits: conversations of 1-10 exchanges, replies of a few words to a few
   hundred, some longer than `max_length`, JPEG images of varied sizes and modes, a damaged image.
-- `lmms-lab/POPE`: the card's two configs (`default`: split `test` in `data/test-0000{0,1,2}-of-00003.parquet`;
-  `Full`: one split per category), its seven columns and features, the three categories in equal parts
-  with as many "yes" as "no" in each, COCO-sized RGB JPEGs as the Image feature stores them (see "POPE").
+- `lmms-lab/POPE`: the card's two configs (`default`: split `test` in
+  `data/test-0000{0,1,2}-of-00003.parquet`; `Full`: one split per category), its seven columns and
+  features, the three categories in equal parts with as many "yes" as "no" in each, COCO-sized RGB JPEGs
+  as the Image feature stores them (see "POPE").
 
 `write_twins()` writes them once under the cache (atomically); `llava_nb.hub_server` serves them under
 their hub ids, so `snapshot_download` and `load_dataset(..., streaming=True)` run as on Colab.

@@ -15,9 +15,11 @@ from llava_nb import config, evaluate, pope, twins
 
 
 @pytest.mark.parametrize("reply, parsed", [
-    ("Yes", "yes"), ("Yes.", "yes"), ("yes, there is", "yes"), ("  YES!", "yes"), ("Yes, there is a dog.", "yes"),
+    ("Yes", "yes"), ("Yes.", "yes"), ("yes, there is", "yes"), ("  YES!", "yes"),
+    ("Yes, there is a dog.", "yes"),
     ("No", "no"), ("no.", "no"), ("No, there is not.", "no"), ("There is not a dog", "no"), ("nope", "no"),
-    ("", "other"), ("   ", "other"), ("yes or no", "other"), ("Yes. No.", "other"), ("There is a dog.", "other"),
+    ("", "other"), ("   ", "other"), ("yes or no", "other"), ("Yes. No.", "other"),
+    ("There is a dog.", "other"),
     ("Oui", "yes"), ("Oui !", "yes"), ("Non.", "no"), ("Sí", "yes"), ("Ja", "yes"), ("Nein", "no"),
     ("是", "yes"), ("是的，有。", "yes"), ("有", "yes"), ("不是", "no"), ("没有。", "no"), ("否", "no"),
     ("yes。", "yes"), ("Ｙｅｓ", "yes"), ("ＮＯ！", "no"), ("はい", "yes"), ("いいえ", "no"),
@@ -38,7 +40,8 @@ def test_metrics_equal_a_hand_computation():
     # TP = 2 (rows 0, 2); said yes 3 times (0, 2, 3); 3 true yes; correct: rows 0, 2, 5 = 3 of 6
     precision, recall = 2 / 3, 2 / 3
     assert m["accuracy"] == round(3 / 6, 4) and m["precision"] == round(precision, 4)
-    assert m["recall"] == round(recall, 4) and m["f1"] == round(2 * precision * recall / (precision + recall), 4)
+    assert m["recall"] == round(recall, 4)
+    assert m["f1"] == round(2 * precision * recall / (precision + recall), 4)
     assert m["yes_ratio"] == 0.5 and (m["n"], m["yes"], m["no"], m["other"]) == (6, 3, 2, 1)
     assert m["per_category"]["random"] == {k: v for k, v in m.items() if k != "per_category"}
     assert m["per_category"]["adversarial"]["n"] == 0 and m["per_category"]["adversarial"]["accuracy"] is None
@@ -48,11 +51,13 @@ def test_metrics_per_category_by_hand():
     rows = _rows(["yes", "no"], ["yes", "yes"], "adversarial") + _rows(["yes", "no"], ["no", "no"], "popular")
     m = pope.metrics(rows)
     adv, pop = m["per_category"]["adversarial"], m["per_category"]["popular"]
-    assert (adv["accuracy"], adv["precision"], adv["recall"], adv["f1"], adv["yes_ratio"]) == (0.5, 0.5, 1.0, 0.6667, 1.0)
-    assert (pop["accuracy"], pop["precision"], pop["recall"], pop["f1"], pop["yes_ratio"]) == (0.5, None, 0.0, None, 0.0)
+    keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+    assert [adv[k] for k in keys] == [0.5, 0.5, 1.0, 0.6667, 1.0]  # said yes to both: 1 of 2 right
+    assert [pop[k] for k in keys] == [0.5, None, 0.0, None, 0.0]  # said no to both: never yes, no precision
     assert (m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]) == (0.5, 0.5, 0.5, 0.5)
     table = pope.format_table(m)
-    assert table.splitlines()[1].startswith("adversarial") and "n/a" in table and table.splitlines()[-1].startswith("all")
+    assert table.splitlines()[1].startswith("adversarial") and table.splitlines()[-1].startswith("all")
+    assert "n/a" in table
 
 
 def test_a_model_that_always_says_yes_scores_chance():
@@ -80,7 +85,8 @@ def test_the_twin_has_the_real_layout_features_and_balance(pope_twin):
     assert ds.features == twins.pope_features() and list(ds.features) == list(pope.COLUMNS)
     rows = list(ds.cast_column("image", datasets.Image(decode=False)))
     counts = Counter((r["category"], r["answer"]) for r in rows)
-    assert set(counts) == {(c, a) for c in pope.CATEGORIES for a in pope.ANSWERS} and len(set(counts.values())) == 1
+    assert set(counts) == {(c, a) for c in pope.CATEGORIES for a in pope.ANSWERS}
+    assert len(set(counts.values())) == 1  # as many of each
     image = Image.open(io.BytesIO(rows[0]["image"]["bytes"]))
     assert image.format == "JPEG" and image.mode == "RGB" and 500 <= image.width <= 640
     assert rows[0]["image"]["path"] == rows[0]["image_source"] + ".jpg"
@@ -103,7 +109,7 @@ def test_the_subset_is_seeded_and_balanced(pope_twin):
 def test_bad_rows_are_skipped_and_counted(pope_twin, tmp_path):
     every = list(datasets.load_dataset(pope_twin, split="test", streaming=True)
                  .cast_column("image", datasets.Image(decode=False)))
-    rows = [r for c in pope.CATEGORIES for r in [r for r in every if r["category"] == c][:4]]  # 2 yes, 2 no each
+    rows = [r for c in pope.CATEGORIES for r in [r for r in every if r["category"] == c][:4]]  # 2 yes, 2 no
     rows[0]["image"] = {"bytes": b"\xff\xd8\xff\xe0 not a whole JPEG", "path": "broken.jpg"}
     rows[1]["answer"] = "maybe"
     rows[4]["category"] = "other"
@@ -126,7 +132,7 @@ def test_evaluate_scores_pope_from_the_model_replies(built, profile, pope_twin, 
     """The real prompt and generation, then the replies swapped for a rule: always yes, then always right."""
     model, processor = built
     questions = pope.questions(pope_twin, 6, seed=profile.seed)
-    result = evaluate.evaluate_pope(model, processor, profile, questions=questions, max_new_tokens=2, name="x")
+    result = evaluate.evaluate_pope(model, processor, profile, questions=questions, max_new_tokens=2)
     assert [a["question"] for a in result.answers] == [q["question"] for q in questions]
     assert result.metrics["n"] == 6 and sum(result.metrics[k] for k in ("yes", "no", "other")) == 6
     prompts = []
@@ -144,7 +150,8 @@ def test_evaluate_scores_pope_from_the_model_replies(built, profile, pope_twin, 
 
 
 def test_the_command_runs_pope_through_the_hub_or_a_folder(built, profile, pope_twin, monkeypatch, capsys):
-    """On the t4 leg `--benchmark pope` streams lmms-lab/POPE from the served twin (HF_ENDPOINT), as on Colab."""
+    """On the t4 leg `--benchmark pope` streams lmms-lab/POPE from the served twin (HF_ENDPOINT), as on
+    Colab; on the offline leg it reads the twin's folder (`--dataset`)."""
     monkeypatch.setattr(evaluate, "load_model", lambda checkpoint, profile, device=None: built)
     through_hub = os.environ.get(config.PROFILE_ENV) == "t4"
     source = [] if through_hub else ["--dataset", pope_twin]
