@@ -1,10 +1,11 @@
 """POPE (object hallucination, yes/no questions about COCO photos): its questions, answer parsing and metrics.
 
 - questions: a seeded subset of `lmms-lab/POPE`'s `test` split (9,000 questions, 3,000 per category:
-  adversarial, popular, random; half of them "yes"), balanced over category and answer. The split is
-  streamed once with the images left undecoded; each question's place in the subset is a hash of the
-  seed and its category and id, so the subset does not depend on the file order and only the chosen
-  images are decoded. A row that cannot be used (a damaged image, an answer other than yes/no, an
+  adversarial, popular, random; half of them "yes"), balanced over category and answer. The split's
+  files are downloaded once into the hub cache (255 MB, reused by the next evaluation: notebook 06 runs
+  two) and streamed from there with the images left undecoded; each question's place in the subset is
+  a hash of the seed and its category and id, so the subset does not depend on the file order and only
+  the chosen images are decoded. A row that cannot be used (a damaged image, an answer other than yes/no, an
   unknown category) is skipped and counted by reason.
 - answers: `parse_yes_no` reads "Yes.", "yes, there is", "No", "Oui", "是的" ...; a reply that says both
   or neither is 'other', counted and reported, and scored as wrong.
@@ -23,12 +24,14 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
 from PIL import Image
 
 from .data import SkipSample, note_skip, to_rgb
+from .sources import HubUnreachable
 from .streams import load_split
 
 REPO = "lmms-lab/POPE"
@@ -151,13 +154,14 @@ def questions(source: str = REPO, limit: int = 300, *, seed: int = 0, skipped: C
               progress: Callable[[str], None] | None = None) -> list[dict]:
     """`limit` questions of POPE's test split, as equal a share as possible for each category and answer.
 
-    `source` is the hub id or a local folder or parquet files in its layout. Each question comes with
-    its image decoded to RGB; ordered by category, then by the seeded hash that chose it.
+    `source` is the hub id (its files are fetched once into the hub cache, `local_copy`) or a local folder
+    or parquet files in its layout. Each question comes with its image decoded to RGB; ordered by
+    category, then by the seeded hash that chose it.
     """
     if limit < 1:
         raise ValueError(f"limit must be at least 1 question, got {limit}")
     skipped = Counter() if skipped is None else skipped
-    ds = load_split(source, SPLIT)
+    ds = load_split(local_copy(source, progress), SPLIT)
     missing = [c for c in COLUMNS if ds.features is not None and c not in ds.features]
     if missing:
         raise NotPope(f"{source} is not in POPE's layout: its {SPLIT!r} split lacks the column(s) {missing} "
@@ -199,6 +203,30 @@ def questions(source: str = REPO, limit: int = 300, *, seed: int = 0, skipped: C
     if not out:
         raise NotPope(f"no usable POPE question in {source} (skipped: {dict(skipped)})")
     return out
+
+
+def local_copy(source: str, progress: Callable[[str], None] | None = None) -> str:
+    """A hub id's `test` files downloaded into the hub cache (once: later calls find them there), as a
+    pattern of local parquet files; a local folder or files as given.
+
+    The files, not the snapshot folder: the hub cache links them to its blobs, and datasets' folder
+    resolution passes over symbolic links (fsspec lists them as type 'other')."""
+    if Path(source).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return source
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if progress:
+        progress(f"POPE: fetching {source}'s {SPLIT} split from the hub, or its local cache")
+    try:
+        folder = snapshot_download(source, repo_type="dataset", allow_patterns=[f"data/{SPLIT}-*"])
+        return str(Path(folder) / "data" / f"{SPLIT}-*.parquet")
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:  # no network, offline mode, no such repo
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        raise HubUnreachable(f"cannot reach the dataset {source!r} on the Hugging Face Hub, and it is not in the "
+                             f"local cache ({why}). POPE downloads its {SPLIT} split once (255 MB for {REPO}): "
+                             "check the network (and that HF_HUB_OFFLINE is not set), or pass a local copy in "
+                             "the same layout with --dataset DIR") from e
 
 
 def _image(row: dict) -> Image.Image:

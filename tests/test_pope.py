@@ -163,3 +163,14 @@ def test_the_command_runs_pope_through_the_hub_or_a_folder(built, profile, pope_
     assert metrics["n"] == 6 and {c: r["n"] for c, r in metrics["per_category"].items()} == {
         c: 2 for c in pope.CATEGORIES}
     assert any(line.startswith("all") for line in out) and "skipped" not in metrics
+
+
+def test_without_the_hub_pope_names_the_dataset_and_the_way_out(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from llava_nb.sources import HubUnreachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 with an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(HubUnreachable, match=r"'lmms-lab/POPE'.*--dataset DIR"):
+        pope.questions(pope.REPO, 6)
