@@ -86,7 +86,7 @@ def benchmark_chart(scores: dict[str, dict], references: dict[str, float] | None
     """Bars of a benchmark's score before and after training beside published ones, in %.
 
     `scores` maps a label ('before', 'after') to an evaluation's metrics: accuracy, and F1 where it has
-    one (POPE); `references` maps a published model to its score (POPE: F1 as its paper reports it).
+    one (POPE); `references` maps a published model to its score (as its paper reports it).
     `chance` draws a dashed line (POPE: 50 %, a coin toss or always "yes").
     """
     fig = NotebookFigure(figsize=(7, 3.6), layout="constrained")

@@ -41,7 +41,8 @@ ANSWERS = ("yes", "no")
 COLUMNS = ("id", "question_id", "question", "answer", "image_source", "image", "category")
 INSTRUCTION = "Answer with yes or no."  # after the question, as LLaVA-1.5 adds a short answer format
 MAX_NEW_TOKENS = 4  # "Yes", "No." or "Yes, there is": the first words decide
-# Published POPE scores to set ours beside (F1 over the three categories, in %, as each paper reports it).
+# Published POPE scores to set ours beside, in %, as each paper reports it (LLaVA-1.5: F1, the mean over
+# the three categories; TinyLLaVA: its POPE column).
 REFERENCES = {"LLaVA-1.5-7B": 85.9, "TinyLLaVA Qwen2-0.5B+SigLIP": 86.6}
 CHANCE = 50.0  # accuracy of a coin toss, or of always answering "yes", on POPE's balanced answers
 
@@ -133,7 +134,7 @@ def report(m: dict[str, Any], answers: Sequence[dict], examples: int = 6) -> str
     """What `python -m llava_nb.evaluate --benchmark pope` prints before its JSON line."""
     lines = [f"POPE · checkpoint {m['checkpoint'] or '?'} · profile {m['profile']} · {m['n']} questions of "
              f"{m['dataset']} · {m['seconds']} s", "", format_table(m), "",
-             f"other: {m['other']} replies neither yes nor no, scored as wrong. Published F1: "
+             f"other: {m['other']} replies neither yes nor no, scored as wrong. Published: "
              + ", ".join(f"{k} {v}" for k, v in REFERENCES.items()) + f"; chance: {CHANCE:.0f} % accuracy."]
     if m.get("skipped"):
         lines.append(f"skipped questions: {m['skipped']}")
