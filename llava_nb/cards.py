@@ -206,7 +206,7 @@ def write_card(folder: str | os.PathLike, summary: dict | None, results: Sequenc
     before = folder.stat()
     fd, tmp = tempfile.mkstemp(prefix=f".{CARD_FILE}.", dir=folder)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -234,9 +234,10 @@ def record_scores(folder: str | os.PathLike, metrics: dict[str, Any]) -> ModelCa
 
 
 def read_card(folder: str | os.PathLike) -> ModelCard | None:
-    """The export's card as huggingface_hub reads it, or None when it has none."""
+    """The export's card as huggingface_hub reads it, or None when it has none (metadata it cannot parse,
+    say from a hand edit, is dropped with a warning: `record_scores` then writes it afresh)."""
     path = Path(folder) / CARD_FILE
-    return ModelCard.load(path) if path.is_file() else None
+    return ModelCard.load(path, ignore_metadata_errors=True) if path.is_file() else None
 
 
 def _read_summary(folder: Path) -> dict | None:

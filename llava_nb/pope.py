@@ -166,7 +166,7 @@ def questions(source: str = REPO, limit: int = 300, *, seed: int = 0, skipped: C
     missing = [c for c in COLUMNS if ds.features is not None and c not in ds.features]
     if missing:
         raise NotPope(f"{source} is not in POPE's layout: its {SPLIT!r} split lacks the column(s) {missing} "
-                         f"(expected {', '.join(COLUMNS)})")
+                      f"(expected {', '.join(COLUMNS)})")
     ds = ds.cast_column("image", datasets.Image(decode=False))  # decode only the chosen few
     groups = [(c, a) for c in CATEGORIES for a in ANSWERS]
     quota = {g: limit // len(groups) + (i < limit % len(groups)) for i, g in enumerate(groups)}
@@ -186,9 +186,9 @@ def questions(source: str = REPO, limit: int = 300, *, seed: int = 0, skipped: C
         key = _key(seed, row)
         heap = kept[group]
         if len(heap) < quota[group]:
-            heapq.heappush(heap, (_neg(key), row["id"], row))
+            heapq.heappush(heap, (_neg(key), seen, row))  # `seen` breaks ties: rows are not comparable
         elif quota[group] and key < _neg(heap[0][0]):
-            heapq.heapreplace(heap, (_neg(key), row["id"], row))
+            heapq.heapreplace(heap, (_neg(key), seen, row))
     if progress:
         progress(f"POPE: read {seen} questions of {source}, chose {sum(map(len, kept.values()))}")
     chosen = sorted((r for heap in kept.values() for _, _, r in heap),
