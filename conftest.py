@@ -2,7 +2,7 @@
 
 Test budgets and a temporary run folder for everything the session starts, notebook kernels included.
 The profile under test is `$LLAVA_NB_PROFILE`, `offline` by default. For `t4`, the session serves small
-twins of TinyLlama, CLIP and llava-instruct-mix-vsft under their hub ids on 127.0.0.1
+twins of TinyLlama, CLIP, llava-instruct-mix-vsft and POPE under their hub ids on 127.0.0.1
 (`llava_nb.twins`, `llava_nb.hub_server`) and points `HF_ENDPOINT` there, with an empty hub cache in a
 temporary folder: `snapshot_download` and `load_dataset(..., streaming=True)` download and stream as they
 do on Colab. Notebook kernels inherit the environment, so they see the same hub.

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .cards import CARD_FILE, SUMMARY_FILE, write_card  # SUMMARY_FILE: an export's record of its training
 from .device import set_config_dtype
 from .fsutil import MANIFEST, atomic_dir, is_complete, write_manifest
 from .sources import load_state_dict
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"  # a checkpoint's weights: only the tensors that train
 STREAM_FILE = "llava_nb_stream.json"  # a checkpoint's position in the training stream
-SUMMARY_FILE = "llava_nb_training.json"  # an export's record: profile, stage, settings, log history
 STAGING_PREFIX = ".staging-"
 EXPORT_FILES = ("config.json", "processor_config.json", "tokenizer_config.json")  # what every export holds
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -144,7 +144,8 @@ def resume_point(checkpoint_dir: Path, resume: bool | str, args: TrainingArgumen
 def export(model: nn.Module, processor: Any, folder: str | os.PathLike, *, summary: dict | None = None,
            dtype: torch.dtype | None = None) -> Path:
     """Write a folder that plain transformers loads (config, model.safetensors, generation config,
-    processor with tokenizer and chat template), atomically: a killed export leaves the previous one.
+    processor with tokenizer and chat template) and its model card (`cards`), atomically: a killed export
+    leaves the previous one.
 
     A peft model is merged first. `dtype` defaults to the frozen weights' dtype (fp16 on a GPU); config.json
     names it (`dtype`, in the model's config and its text and vision configs), so that from_pretrained's
@@ -160,11 +161,12 @@ def export(model: nn.Module, processor: Any, folder: str | os.PathLike, *, summa
     set_config_dtype(model.config, dtype)
     model.requires_grad_(False)
     model.config.use_cache = model.config.text_config.use_cache = True  # Trainer and stage_model cleared it
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, unlisted=(CARD_FILE,)) as tmp:  # evaluate rewrites the card's scores
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if summary is not None:
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
+        write_card(tmp, json.loads(json.dumps(summary, default=str)) if summary is not None else None)
     return Path(folder)
 
 

@@ -109,6 +109,8 @@ class EvalConfig:
 
     limit: int = 100  # test samples (offline: 64 take about 40 s on 2 idle CPU cores)
     max_new_tokens: int = 48  # the longest answer (offline answers are one word and a full stop)
+    pope_questions: int = 300  # POPE (`--benchmark pope`): 50 per category and answer (README: time on a T4)
+    benchmark: str = "pope"  # what notebook 06 charts before/after training: 'pope', or 'test' (the split's)
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ PROFILES: dict[str, Profile] = {
         name="offline",
         model=ModelConfig(vision_id="offline:clip-scenes", lm_id="offline:smollm2-135m-instruct"),
         data=DataConfig(dataset="offline:shapes", max_length=256, shuffle_buffer=256),
-        eval=EvalConfig(limit=64, max_new_tokens=6),
+        eval=EvalConfig(limit=64, max_new_tokens=6, benchmark="test"),  # POPE needs the hub
         # Stage 1 reads every sample (captions, single- and multi-turn questions), not only single-turn
         # ones: the drawn conversations are short, and most carry 3-5 answers per image, so the projector
         # sees more supervision per CPU-second. Held-out accuracy and timings: README, "Quickstart".

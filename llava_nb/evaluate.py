@@ -11,7 +11,11 @@
 - the hub's llava-instruct-mix-vsft (the t4 default) has free-form answers, so there is no accuracy
   (`accuracy: null`); the model answers a fixed set of public-domain images instead, for a person to read.
 
-The command prints a table and, as its last line, one JSON object (`accuracy`, `n`, `eval_loss`, ...).
+`--benchmark pope` scores POPE instead (`llava_nb.pope`: a seeded, category-balanced subset of
+lmms-lab/POPE, yes/no replies, accuracy, precision, recall, F1 and yes-ratio per category).
+
+The command prints a table and, as its last line, one JSON object (`accuracy`, `n`, `eval_loss`, ...); for an
+exported folder it also puts those scores into the folder's model card (`cards.record_scores`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import cards, infer, pope
 from . import config as cfg
-from . import infer
 from .data import IGNORE_INDEX, LlavaCollator, count_images
 from .device import default_device, default_dtype
 from .sources import HubUnreachable, prepare_dataset
@@ -42,6 +46,7 @@ from .synthetic import QUESTION_KINDS, question_kind
 log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained"  # --checkpoint value: surgery.build's model, projector at init
+BENCHMARKS = ("test", "pope")  # the profile's test split (loss, short answers), or POPE
 SHORT_ANSWER_TOKENS = 10  # at least this many new tokens for a dataset of one's own: a few words
 MAX_ANSWER_WORDS = 3  # a reply of at most this many words (normalised) is a short answer: exact match
 # Replies are paragraphs: no accuracy, the fixed images instead
@@ -198,7 +203,8 @@ def evaluate(model, processor, profile: cfg.Profile, limit: int | None = None, *
                 "image": t["images"][0] if t["images"] else None}
                for t, reply in zip(turns, replies)]
     metrics = _metrics(answers, QUESTION_KINDS if offline else ())
-    metrics |= {"eval_loss": round(loss, 4), "n": len(samples), "eval_tokens": tokens, "profile": profile.name,
+    metrics |= {"benchmark": "test", "dataset": profile.data.dataset, "eval_loss": round(loss, 4),
+                "n": len(samples), "eval_tokens": tokens, "profile": profile.name,
                 "checkpoint": name, "max_new_tokens": max_new_tokens,
                 "seconds": round(time.perf_counter() - start, 1)}
     if skipped:
@@ -222,9 +228,57 @@ def _metrics(answers: list[dict], kinds: Sequence[str]) -> dict[str, Any]:
     return {"accuracy": accuracy, "n_questions": len(answers), "per_kind": per_kind}
 
 
+def evaluate_pope(model, processor, profile: cfg.Profile, limit: int | None = None, *,
+                  source: str = pope.REPO, batch_size: int = BATCH_SIZE, max_new_tokens: int | None = None,
+                  questions: list[dict] | None = None, progress: Callable[[str], None] | None = None,
+                  name: str = "") -> Evaluation:
+    """POPE on `limit` questions (default: the profile's `eval.pope_questions`): each image with its
+    question and `pope.INSTRUCTION` in the chat template, greedy replies of a few tokens, POPE's metrics."""
+    start = time.perf_counter()
+    model.eval()
+    skipped: Counter = Counter()
+    if questions is None:
+        questions = pope.questions(source, limit or profile.eval.pope_questions, seed=profile.seed,
+                                   skipped=skipped, progress=progress)
+    max_new_tokens = max_new_tokens or pope.MAX_NEW_TOKENS
+    turns = [{"prompt": [infer.user_turn(f"{q['question']} {pope.INSTRUCTION}")], "images": [q["image"]]}
+             for q in questions]
+    replies = answer_turns(model, processor, turns, max_new_tokens, batch_size, progress)
+    answers = []
+    for i, (q, reply) in enumerate(zip(questions, replies)):
+        parsed = pope.parse_yes_no(reply)
+        answers.append({"sample": i, "turn": 0, "kind": q["category"], "category": q["category"],
+                        "question": q["question"], "expected": q["answer"], "answer": q["answer"],
+                        "predicted": reply, "parsed": parsed, "correct": parsed == q["answer"],
+                        "image": q["image"]})
+    metrics = {"benchmark": "pope", **pope.metrics(answers), "dataset": source, "seed": profile.seed,
+               "profile": profile.name, "checkpoint": name, "max_new_tokens": max_new_tokens,
+               "seconds": round(time.perf_counter() - start, 1)}
+    if skipped:
+        metrics["skipped"] = dict(skipped)
+    return Evaluation(metrics, answers)
+
+
+def benchmark(model, processor, profile: cfg.Profile, limit: int | None = None, *, measured: Evaluation,
+              name: str = "", progress: Callable[[str], None] | None = None) -> Evaluation:
+    """The profile's score to compare (`eval.benchmark`): POPE on t4; on the offline profile, whose scenes
+    POPE does not fit, the test split's accuracy, i.e. `measured` (the `evaluate` already run) as it is."""
+    if profile.eval.benchmark == "pope":
+        return evaluate_pope(model, processor, profile, limit, progress=progress, name=name)
+    return measured
+
+
+def references(profile: cfg.Profile) -> tuple[dict[str, float], float | None]:
+    """Published scores to set the profile's benchmark beside and its chance level (in %): POPE's; none
+    for the scenes (their chance differs by kind: 25 % for colour to 50 % for the side)."""
+    return (dict(pope.REFERENCES), pope.CHANCE) if profile.eval.benchmark == "pope" else ({}, None)
+
+
 def format_table(result: Evaluation, examples: int = 6) -> str:
-    """Per-kind accuracy, the loss, and the first few answers, for a terminal."""
+    """Per-kind accuracy, the loss, and the first few answers, for a terminal (POPE: its metrics)."""
     m = result.metrics
+    if m.get("benchmark") == "pope":
+        return pope.report(m, result.answers, examples)
     header = f"checkpoint {m['checkpoint'] or '?'} · profile {m['profile']} · {m['n']} test samples"
     lines = [f"{header} · {m['seconds']} s", "", f"{'kind':<10}{'n':>5}{'accuracy':>10}"]
     for kind, row in m["per_kind"].items():
@@ -282,12 +336,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"or '{UNTRAINED}' for the model straight after surgery (projector at init)")
     parser.add_argument("--profile", choices=sorted(cfg.PROFILES), default=None,
                         help=f"default: ${cfg.PROFILE_ENV}, else 'offline' under tests, else 't4'")
+    parser.add_argument("--benchmark", choices=BENCHMARKS, default="test",
+                        help="'test': the eval loss and short answers of the profile's test split (default); "
+                             f"'pope': POPE's yes/no questions ({pope.REPO}, a seeded subset balanced "
+                             "over its categories and answers; needs the hub or --dataset)")
     parser.add_argument("--dataset", default=None,
                         help="hub id or local folder/files whose test split to score (default: the "
-                             "profile's); "
+                             f"profile's; for --benchmark pope, {pope.REPO}); "
                              f"replies of at most {MAX_ANSWER_WORDS} words are scored by exact match")
     parser.add_argument("--limit", type=int, default=None,
-                        help="test samples to evaluate (default: the profile's, " + _per_profile("limit") + ")")
+                        help="test samples to evaluate (default: the profile's, " + _per_profile("limit")
+                             + "); POPE: questions (" + _per_profile("pope_questions") + ")")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help=f"samples per forward pass and per generate call (default: {BATCH_SIZE})")
     parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -301,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     profile = cfg.get_profile(args.profile) if args.profile else cfg.pick_profile("t4")
-    if args.dataset:
+    if args.dataset and args.benchmark == "test":
         profile = cfg.get_profile(profile.name, data=dict(dataset=args.dataset))
 
     def say(line: str) -> None:  # progress goes to stderr: stdout ends with the JSON line
@@ -310,12 +369,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         model, processor = load_model(args.checkpoint, profile, args.device)
         name = args.checkpoint if args.checkpoint == UNTRAINED else str(Path(args.checkpoint))
-        result = evaluate(model, processor, profile, args.limit, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, progress=say, name=name)
-    except (FileNotFoundError, HubUnreachable) as e:
+        if args.benchmark == "pope":
+            result = evaluate_pope(model, processor, profile, args.limit, source=args.dataset or pope.REPO,
+                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                   progress=say, name=name)
+        else:
+            result = evaluate(model, processor, profile, args.limit, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, progress=say, name=name)
+    except (FileNotFoundError, HubUnreachable, pope.NotPope) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(result.table())
+    if args.checkpoint != UNTRAINED:  # the export's card shows the scores printed below
+        cards.record_scores(args.checkpoint, result.metrics)
+        say(f"scores written to the model card {Path(args.checkpoint) / cards.CARD_FILE}")
     print(json.dumps(result.metrics), flush=True)
     return result.metrics
 

@@ -7,22 +7,25 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 MANIFEST = "llava_nb_manifest.json"  # written last into a folder: lists its files and their sizes
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside `final`; on success it replaces `final` in one rename."""
+def atomic_dir(final: str | os.PathLike, unlisted: Collection[str] = ()) -> Iterator[Path]:
+    """Yield a temp folder beside `final`; on success it replaces `final` in one rename.
+
+    `unlisted`: files left out of the manifest because they are replaced later on their own (in one
+    rename each), such as an export's model card."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
-        write_manifest(tmp)
+        write_manifest(tmp, unlisted)
         old = None
         if final.exists():  # move the old one aside first: os.replace cannot replace a non-empty folder
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -34,10 +37,11 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_manifest(folder: Path) -> None:
-    """Record every file's size, so `is_complete` can tell a whole folder from a damaged one."""
+def write_manifest(folder: Path, unlisted: Collection[str] = ()) -> None:
+    """Record every file's size (but those `unlisted`), so `is_complete` can tell a whole folder from a
+    damaged one."""
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
+             if p.is_file() and p.name != MANIFEST and str(p.relative_to(folder)) not in unlisted}
     with open(folder / MANIFEST, "w") as f:
         json.dump({"files": files}, f, indent=1)
         f.flush()

@@ -79,3 +79,37 @@ def _short(text: str, width: int = 30) -> str:
 
 def _mark(answer: dict) -> str:
     return "" if answer.get("correct") is None else (" ✓" if answer["correct"] else " ✗")
+
+
+def benchmark_chart(scores: dict[str, dict], references: dict[str, float] | None = None, *,
+                    chance: float | None = 50.0, title: str = "") -> NotebookFigure:
+    """Bars of a benchmark's score before and after training beside published ones, in %.
+
+    `scores` maps a label ('before', 'after') to an evaluation's metrics: accuracy, and F1 where it has
+    one (POPE); `references` maps a published model to its score (as its paper reports it).
+    `chance` draws a dashed line (POPE: 50 %, a coin toss or always "yes").
+    """
+    fig = NotebookFigure(figsize=(7, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    labels, heights, colours = [], [], []
+    for label, m in scores.items():
+        for metric, colour in (("accuracy", "tab:blue"), ("f1", "tab:cyan")):
+            if m.get(metric) is not None:
+                labels.append(f"{label}\n{'F1' if metric == 'f1' else metric}")
+                heights.append(100 * m[metric])
+                colours.append(colour)
+    for name, value in (references or {}).items():
+        labels.append(name.replace(" ", "\n", 1) + "\n(published)")
+        heights.append(value)
+        colours.append("tab:gray")
+    bars = ax.bar(range(len(heights)), heights, color=colours)
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(heights)), labels, fontsize=8)
+    if chance is not None:
+        ax.axhline(chance, color="tab:red", linestyle="--", linewidth=1, label=f"chance ({chance:.0f} %)")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("%")
+    ax.set_title(title or "score before and after training")
+    ax.grid(axis="y", alpha=0.3)
+    return fig

@@ -86,6 +86,12 @@ def group_by_length(samples: Iterable[dict], group: int, *, window: int = 16, se
             yield from run
 
 
+def load_split(source: str, split: str) -> datasets.IterableDataset:
+    """`split` of a hub dataset id, a local folder or local files, streamed as stored (nothing cleaned or
+    decoded by this project); errors name the source and what was expected of it."""
+    return _load(source, split)
+
+
 def _load(source: str, split: str) -> datasets.IterableDataset:
     path = Path(source).expanduser()
     files = sorted(path.parent.glob(path.name)) if any(c in path.name for c in "*?[") else [path]

@@ -143,6 +143,7 @@ def train(
         if trainer.is_world_process_zero():
             summary = {"profile": profile.name, "stage": stage, "seed": seed, "dataset": source,
                        "train": dataclasses.asdict(t), "data": dataclasses.asdict(profile.data),
+                       "model": {"vision_id": profile.model.vision_id, "lm_id": profile.model.lm_id},
                        "init_from": str(init_from) if init_from else None, "metrics": metrics,
                        "log_history": state.log_history}
             model = as_sources_hold_it(trainer.model, profile, stage, init_from=init_from, seed=seed)

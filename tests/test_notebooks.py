@@ -131,14 +131,16 @@ def test_in_colab_the_first_cell_clones_the_repository_colab_opened_the_notebook
 PLOT_INPUTS = '''\
 import numpy as np
 from types import SimpleNamespace
-from llava_nb import config, plots
-profile = config.get_profile("offline")
+from llava_nb import config, evaluate, plots
+profile = config.get_profile("t4")
 history = [{"loss": 3.0 - 0.1 * s, "step": s} for s in range(1, 6)] + [{"eval_loss": 2.9, "step": 5}]
 result1 = result2 = SimpleNamespace(log_history=history)
 scene = np.full((64, 64, 3), 255, dtype=np.uint8)
 answers = [dict(turn=0, image=scene, question="What colour?", expected="red", predicted=p, correct=p == "red")
            for p in ("red", "blue")]
-before = after = SimpleNamespace(answers=answers)'''
+before = after = SimpleNamespace(answers=answers)
+pope_before = SimpleNamespace(metrics={"accuracy": 0.5, "f1": 0.6667})
+pope_after = SimpleNamespace(metrics={"accuracy": 0.8, "f1": 0.79})'''
 
 
 def test_the_notebooks_plotting_cells_show_pictures_in_a_stock_kernel():
