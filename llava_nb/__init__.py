@@ -28,6 +28,7 @@ only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks
              device       precision choices and memory readers
              processing   special tokens, the chat template, the processor
              fsutil       atomic folders with a manifest
+             pope_twin    lmms-lab/POPE in miniature, for tests (written by twins)
              hub_server   a local stand-in for the hub's HTTP API (tests)
              plots        loss curves and answer grids
              colab        the notebooks' first cell and the README's badges, from one repository name
