@@ -39,7 +39,7 @@ def stream(
     (pass `collator.skipped` to see every drop in one place).
     """
     skipped = Counter() if skipped is None else skipped
-    ds = _load(source, split)
+    ds = load_split(source, split)
     images = ds.features.get("images") if ds.features else None
     if isinstance(images, datasets.List) and isinstance(images.feature, datasets.Image):
         # decode ourselves, so that one broken image is a skipped sample and not a crashed stream
@@ -89,10 +89,6 @@ def group_by_length(samples: Iterable[dict], group: int, *, window: int = 16, se
 def load_split(source: str, split: str) -> datasets.IterableDataset:
     """`split` of a hub dataset id, a local folder or local files, streamed as stored (nothing cleaned or
     decoded by this project); errors name the source and what was expected of it."""
-    return _load(source, split)
-
-
-def _load(source: str, split: str) -> datasets.IterableDataset:
     path = Path(source).expanduser()
     files = sorted(path.parent.glob(path.name)) if any(c in path.name for c in "*?[") else [path]
     if path.is_dir():
