@@ -1,7 +1,8 @@
 """Set-up shared by `tests/` and `notebooks/` (`pytest --nbmake tests notebooks`).
 
-Test budgets and a temporary run folder for everything the session starts, notebook kernels included.
-The profile under test is `$LLAVA_NB_PROFILE`, `offline` by default. For `t4`, the session serves small
+The profile, budget and run folder for everything the session starts, notebook kernels included, set
+through the environment variables a user could set: `$LLAVA_NB_PROFILE` (`offline` unless set),
+`$LLAVA_NB_BUDGET=smoke`, `$LLAVA_NB_OUTPUTS` (a temporary folder). For `t4`, the session serves small
 twins of TinyLlama, CLIP, llava-instruct-mix-vsft and POPE under their hub ids on 127.0.0.1
 (`llava_nb.twins`, `llava_nb.hub_server`) and points `HF_ENDPOINT` there, with an empty hub cache in a
 temporary folder: `snapshot_download` and `load_dataset(..., streaming=True)` download and stream as they
@@ -13,7 +14,10 @@ import os
 import shutil
 import tempfile
 
-os.environ["LLAVA_NB_IN_TEST"] = "1"  # notebooks and commands started from tests use test budgets
+# What a user could set too: the profile (offline unless the CI leg says t4), the smoke budget (every stage a
+# few steps, every evaluation a few samples) for notebooks and commands the tests start.
+os.environ.setdefault("LLAVA_NB_PROFILE", "offline")
+os.environ["LLAVA_NB_BUDGET"] = "smoke"
 # One temporary run folder for the session (llava_nb.runs.OUTPUTS_ENV): notebooks 06 and 07 find 05's exports
 # there, and test exports never land where a user's notebook would pick them up.
 os.environ["LLAVA_NB_OUTPUTS"] = tempfile.mkdtemp(prefix="llava_nb-test-outputs-")

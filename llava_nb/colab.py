@@ -1,13 +1,13 @@
-"""Colab from a GitHub link: the repository's name in one place, and what derives from it.
+"""Colab from a GitHub link: the notebooks' first cell and the README's badges, from one repository address.
 
-`GITHUB_REPO` is the one place that names the published repository. The notebooks' first cell (its
-`REPO` form field) and the README's "Open in Colab" badges are written from it, with the notebook
-metadata that asks Colab for a T4; `tests/test_notebooks.py` checks that they agree. After publishing:
+The published repository is data: `[project.urls] Repository` in pyproject.toml. The notebooks' first cell
+(it clones that repository) and the README's "Open in Colab" badges are written from it, with the notebook
+metadata that asks Colab for a T4; `tests/test_notebooks.py` checks that they agree. After publishing a
+fork:
 
-    python -m llava_nb.colab --repo <owner>/<name>    # sets GITHUB_REPO, rewrites notebooks and README
+    python -m llava_nb.colab --repo <owner>/<name>    # sets the address, rewrites notebooks and README
 
-While GITHUB_REPO is the placeholder, the first cell reads the repository from the address Colab opened
-the notebook from, and stops with a message asking for REPO when it cannot. Stdlib only.
+Stdlib only; works in a checkout (it rewrites the checkout's files).
 """
 
 from __future__ import annotations
@@ -16,63 +16,53 @@ import argparse
 import json
 import re
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-GITHUB_REPO = "OWNER/llava-on-a-budget"  # the published repository: `python -m llava_nb.colab --repo` sets it
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 GITHUB_BRANCH = "main"  # the branch the badges open
-PLACEHOLDER_OWNER = "OWNER"  # GITHUB_REPO's owner until the repository is published
+PLACEHOLDER_OWNER = "OWNER"  # the repository's owner until it is published
 NOTEBOOKS = "notebooks"
+CLONE_DIR = "/content/llava-on-a-budget"  # where the first cell puts the checkout in Colab
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
-BADGES_BEGIN = "<!-- colab badges: written by `python -m llava_nb.colab` from llava_nb/colab.py -->"
+BADGES_BEGIN = "<!-- colab badges: written by `python -m llava_nb.colab` from pyproject.toml -->"
 BADGES_END = "<!-- end of colab badges -->"
 
 # Colab opens a notebook with this metadata on a T4 GPU runtime (Runtime > Change runtime type).
 COLAB_METADATA = {"accelerator": "GPU", "colab": {"gpuType": "T4", "provenance": []}}
 
-# The first code cell of every notebook. Outside Colab it does nothing. In Colab it clones REPO (or, while
-# REPO is the placeholder, the repository Colab's sessions API says this notebook was opened from), runs
-# colab_setup.sh, and mounts Drive for the hub cache and the runs (declined: local disk, one warning).
-BOOTSTRAP = '''\
-# Colab only: get the project, install what it needs, keep downloads and runs on Drive. Elsewhere: nothing.
-REPO = "{repo}"  # @param {{type:"string"}}
-import os, re, subprocess, sys, urllib.parse, urllib.request
-IN_COLAB, HOME = "COLAB_RELEASE_TAG" in os.environ, "/content/llava-on-a-budget"
-if IN_COLAB and not os.path.isdir("llava_nb") and not os.path.isdir(HOME):  # first run in this runtime
-    if not REPO.strip() or REPO.startswith("{placeholder}/"):  # the GitHub repository this notebook came from
-        try:  # Colab's sessions API names the file it opened: ...github.com/<owner>/<name>/blob/...
-            port = os.environ.get("KMP_TARGET_PORT", "9000")
-            api = f"http://{{os.environ['COLAB_JUPYTER_IP']}}:{{port}}/api/sessions"
-            sessions = urllib.parse.unquote(urllib.request.urlopen(api, timeout=10).read().decode())
-            REPO = re.search(r"github(?:\\.com)?/([\\w.-]+/[\\w.-]+)/blob/", sessions)[1]
-        except Exception:
-            raise SystemExit("Which GitHub repository holds these notebooks? Type it as owner/name into "
-                             "REPO in this cell's form, then run the cell again.") from None
-    if subprocess.run(["git", "clone", "--depth=1", f"https://github.com/{{REPO.strip()}}", HOME]).returncode:
-        raise SystemExit(f"git clone https://github.com/{{REPO.strip()}} failed: check REPO in the form.")
-if IN_COLAB and not os.path.isdir("llava_nb"):  # not yet inside the checkout
-    os.chdir(HOME)
-    subprocess.run(["bash", "colab_setup.sh"], check=True)
-    sys.path.insert(0, HOME)  # an editable install is not seen by an already running kernel
-if IN_COLAB:
-    from llava_nb import runs
-    print(runs.use_drive())  # Colab asks for Drive: the hub cache and the runs then outlive this runtime
-IN_COLAB'''
+# The first code cell of every notebook. Outside Colab it does nothing; in Colab it clones the repository
+# (once per runtime), installs it with colab_setup.sh and works inside the checkout.
+BOOTSTRAP = """\
+# Colab only (elsewhere nothing happens): fetch the project, install it (colab_setup.sh), work inside it.
+import os, subprocess
+if "COLAB_RELEASE_TAG" in os.environ and not os.path.isdir("llava_nb"):
+    url, home = "https://github.com/{repo}", "{home}"
+    subprocess.run(f"test -d {{home}} || git clone -q --depth=1 {{url}} {{home}}", shell=True, check=True)
+    os.chdir(home)  # llava_nb is imported from here
+    subprocess.run(["bash", "colab_setup.sh"], check=True)"""
 
 
-def repo_is_set(repo: str = GITHUB_REPO) -> bool:
+def github_repo(root: Path = ROOT) -> str:
+    """owner/name of the published repository, from pyproject.toml's `[project.urls] Repository`."""
+    url = tomllib.loads((root / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    return url.removeprefix("https://github.com/").strip("/")
+
+
+def repo_is_set(repo: str) -> bool:
     """Whether `repo` names a repository (owner/name) rather than the placeholder."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", repo)) and not repo.startswith(PLACEHOLDER_OWNER + "/")
 
 
-def bootstrap_source(repo: str = GITHUB_REPO) -> str:
-    """The first code cell of every notebook, with `repo` as its REPO form field's value."""
-    return BOOTSTRAP.format(repo=repo, placeholder=PLACEHOLDER_OWNER)
+def bootstrap_source(repo: str | None = None) -> str:
+    """The first code cell of every notebook, cloning `repo` (default: pyproject.toml's)."""
+    return BOOTSTRAP.format(repo=repo or github_repo(), home=CLONE_DIR)
 
 
-def colab_url(notebook: str, repo: str = GITHUB_REPO, branch: str = GITHUB_BRANCH) -> str:
+def colab_url(notebook: str, repo: str | None = None, branch: str = GITHUB_BRANCH) -> str:
     """The address that opens `notebooks/<notebook>` from GitHub in Colab."""
-    return f"https://colab.research.google.com/github/{repo}/blob/{branch}/{NOTEBOOKS}/{notebook}"
+    return f"https://colab.research.google.com/github/{repo or github_repo()}/blob/{branch}/{NOTEBOOKS}/{notebook}"
 
 
 def notebook_names(root: Path) -> list[str]:
@@ -80,14 +70,15 @@ def notebook_names(root: Path) -> list[str]:
     return sorted(p.name for p in (root / NOTEBOOKS).glob("[0-9][0-9]_*.ipynb"))
 
 
-def badges_markdown(root: Path, repo: str = GITHUB_REPO) -> str:
+def badges_markdown(root: Path = ROOT, repo: str | None = None) -> str:
     """The README's badge block: one "Open in Colab" badge per notebook, between two markers."""
+    repo = repo or github_repo(root)
     lines = ["| notebook | open |", "|---|---|"]
     lines += [f"| `{name}` | [![Open In Colab]({BADGE_IMAGE})]({colab_url(name, repo)}) |"
               for name in notebook_names(root)]
     if not repo_is_set(repo):
-        lines += ["", f"*These links lead nowhere until `GITHUB_REPO` names the published repository instead "
-                      f"of `{repo}` (see below).*"]
+        lines += ["", f"*These links lead nowhere until pyproject.toml names the published repository "
+                      f"instead of `{repo}` (see below).*"]
     return "\n".join([BADGES_BEGIN, *lines, BADGES_END])
 
 
@@ -96,7 +87,7 @@ def first_code_cell(notebook: dict) -> dict:
     return next(cell for cell in notebook["cells"] if cell["cell_type"] == "code")
 
 
-def write_notebook(path: Path, repo: str = GITHUB_REPO) -> bool:
+def write_notebook(path: Path, repo: str | None = None) -> bool:
     """Give a notebook the bootstrap cell and Colab metadata of `repo`; True when the file changed."""
     text = path.read_text()
     notebook = json.loads(text)
@@ -109,45 +100,47 @@ def write_notebook(path: Path, repo: str = GITHUB_REPO) -> bool:
     return new != text
 
 
-def write_readme(path: Path, repo: str = GITHUB_REPO) -> bool:
+def write_readme(path: Path, repo: str | None = None) -> bool:
     """Replace the README's badge block with `badges_markdown`; True when the file changed."""
     text = path.read_text()
-    if BADGES_BEGIN not in text or BADGES_END not in text:
+    found = re.search(r"^<!-- colab badges:.*?^" + re.escape(BADGES_END), text, re.S | re.M)
+    if not found:
         raise ValueError(f"{path} has no badge block: put the lines {BADGES_BEGIN!r} and {BADGES_END!r} "
                          "where the badges go")
-    head, rest = text.split(BADGES_BEGIN, 1)
-    new = head + badges_markdown(path.parent, repo) + rest.split(BADGES_END, 1)[1]
+    new = text[:found.start()] + badges_markdown(path.parent, repo) + text[found.end():]
     if new != text:
         path.write_text(new)
     return new != text
 
 
-def set_repo(repo: str) -> None:
-    """Write `repo` into GITHUB_REPO in this file (the one place)."""
+def set_repo(repo: str, root: Path = ROOT) -> None:
+    """Write `repo` into pyproject.toml's `[project.urls] Repository` (the one place)."""
     if not repo_is_set(repo):
         raise SystemExit(f"--repo {repo!r}: give the GitHub repository as owner/name")
-    source = Path(__file__)
-    text = source.read_text()
-    source.write_text(re.sub(r'^GITHUB_REPO = "[^"]*"', f'GITHUB_REPO = "{repo}"', text, count=1, flags=re.M))
+    path = root / "pyproject.toml"
+    text, n = re.subn(r'^Repository = "[^"]*"', f'Repository = "https://github.com/{repo}"', path.read_text(),
+                      count=1, flags=re.M)
+    if not n:
+        raise SystemExit(f"{path}: no `Repository = ...` line under [project.urls] to set")
+    path.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     """`python -m llava_nb.colab [--repo owner/name]`: rewrite the notebooks' first cells and metadata,
-    and the README's badges, from GITHUB_REPO. Returns the files it changed."""
+    and the README's badges, from pyproject.toml's repository. Returns the files it changed."""
     p = argparse.ArgumentParser(prog="python -m llava_nb.colab", description=__doc__.splitlines()[0])
-    p.add_argument("--repo", help="set GITHUB_REPO (owner/name) first, e.g. after publishing on GitHub")
+    p.add_argument("--repo", help="set the repository (owner/name) first, e.g. after publishing a fork")
     args = p.parse_args(argv)
-    repo = args.repo or GITHUB_REPO
     if args.repo:
         set_repo(args.repo)
-    root = Path(__file__).resolve().parent.parent
-    changed = [str(path) for path in sorted((root / NOTEBOOKS).glob("[0-9][0-9]_*.ipynb"))
+    repo = github_repo()
+    changed = [str(path) for path in sorted((ROOT / NOTEBOOKS).glob("[0-9][0-9]_*.ipynb"))
                if write_notebook(path, repo)]
-    changed += [str(root / "README.md")] if write_readme(root / "README.md", repo) else []
+    changed += [str(ROOT / "README.md")] if write_readme(ROOT / "README.md", repo) else []
     print("\n".join(changed) or "nothing to change")
     if not repo_is_set(repo):
-        print(f"GITHUB_REPO is still {repo!r}: the badges lead nowhere until --repo names the published "
-              "repository", file=sys.stderr)
+        print(f"the repository is still {repo!r}: the badges lead nowhere until --repo names the published "
+              "one", file=sys.stderr)
     return changed
 
 

@@ -11,24 +11,18 @@ from typing import Any
 
 PROFILE_ENV = "LLAVA_NB_PROFILE"  # overrides the profile a notebook or command asks for
 CACHE_ENV = "LLAVA_NB_CACHE"  # where offline backbones and data are written
-TEST_ENV = "LLAVA_NB_IN_TEST"  # set by the test suite; notebooks then pick `offline` and tiny budgets
-# Set by the t4 test session to its local hub twin: an image URL https://host/path is fetched from
-# <mirror>/web/host/path instead (llava_nb.hub_server), through the same download code.
-WEB_MIRROR_ENV = "LLAVA_NB_WEB_MIRROR"
+BUDGET_ENV = "LLAVA_NB_BUDGET"  # 'full' (default) or 'smoke': see BUDGETS
 
 
 @dataclass(frozen=True)
 class ClipConfig:
     """The offline CLIP twin: its size, and its pretraining on drawn scenes (`clip_pretrain`).
 
-    ViT-B/32's patching (224 px, 32-px patches: 49 image tokens) at a third of its width and depth: a
-    B/32-sized tower takes about 40x the compute per image, far beyond the 5 minutes of 2 CPU cores
-    this twin may cost, and drawn shapes need no more. Two objectives: CLIP's contrastive loss (which
-    trains the pooled CLS token) and a patch objective on the layer LLaVA reads (each patch token names
-    the colour, shape, side and size of what it shows), weighted `patch_weight`: a read-out of the patch
-    tokens named the shape of held-out patches 44 % of the time at weight 1 (300 steps of 64), 80 % at
-    weight 5 and 96 % at 15 (600 steps of 32); with the scene's count added at `scene_weight`, 92 %.
-    Stage 1 then reaches 100 % held out (README, "Quickstart")."""
+    ViT-B/32's patching (224 px, 32-px patches: 49 image tokens) at a third of its width and depth.
+    Two objectives: CLIP's contrastive loss (which trains the pooled CLS token) and a patch objective on
+    the layer LLaVA reads (each patch token names the colour, shape, side and size of what it shows),
+    weighted `patch_weight`, with the scene's object count at `scene_weight`. Why these sizes and weights
+    (measured read-outs and costs): docs/offline-profile.md."""
 
     vision_width: int = 256  # ViT-B/32: 768
     vision_layers: int = 4  # ViT-B/32: 12
@@ -44,7 +38,7 @@ class ClipConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.05
     patch_weight: float = 15.0  # the patch objective (clip_pretrain.patch_loss) beside the contrastive one
-    scene_weight: float = 0.07  # the scene's count in it, relative: at 1.0 it crowded out shape (41 %)
+    scene_weight: float = 0.07  # the scene's count in it, relative to the patch objective
     position_std: float = 1.0  # >0: position embeddings drawn at this std (transformers' init: 0.02)
     cpu_bf16: bool = True  # bf16 autocast on a CPU with bf16 instructions (weights stay fp32)
     seed: int = 0
@@ -107,9 +101,9 @@ class TrainConfig:
 class EvalConfig:
     """What `python -m llava_nb.evaluate` reads and generates by default."""
 
-    limit: int = 100  # test samples (offline: 64 take about 40 s on 2 idle CPU cores)
+    limit: int = 100  # test samples
     max_new_tokens: int = 48  # the longest answer (offline answers are one word and a full stop)
-    pope_questions: int = 300  # POPE (`--benchmark pope`): 50 per category and answer (README: time on a T4)
+    pope_questions: int = 300  # POPE (`--benchmark pope`): 50 per category and answer
     benchmark: str = "pope"  # what notebook 06 charts before/after training: 'pope', or 'test' (the split's)
 
 
@@ -123,6 +117,7 @@ class Profile:
     stage2: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "outputs"  # relative to the repository (runs.outputs_root), unless absolute
     seed: int = 0
+    budget: str = "full"  # which of BUDGETS capped it
 
     def stage(self, n: int) -> TrainConfig:
         """The TrainConfig of stage 1 or 2."""
@@ -149,7 +144,7 @@ PROFILES: dict[str, Profile] = {
         eval=EvalConfig(limit=64, max_new_tokens=6, benchmark="test"),  # POPE needs the hub
         # Stage 1 reads every sample (captions, single- and multi-turn questions), not only single-turn
         # ones: the drawn conversations are short, and most carry 3-5 answers per image, so the projector
-        # sees more supervision per CPU-second. Held-out accuracy and timings: README, "Quickstart".
+        # sees more supervision per CPU-second.
         stage1=TrainConfig(
             max_steps=400, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_turns=None,
             learning_rate=5e-3, min_lr=5e-4, warmup_steps=0.05, save_steps=100, eval_steps=100,
@@ -177,13 +172,19 @@ T4_IMAGES: tuple[tuple[str, str, str], ...] = (
      "the Earth seen from space (Apollo 17's Blue Marble)"),
 )
 
-# Under test (`in_test()`) notebook 05 trains a few steps of each stage on short samples.
-TEST_BUDGET: dict[str, Any] = dict(
-    stage1=dict(max_steps=3, per_device_train_batch_size=2, save_steps=1, eval_steps=3, eval_samples=4,
-                logging_steps=1),
-    stage2=dict(max_steps=2, per_device_train_batch_size=2, save_steps=2, eval_steps=2, eval_samples=4,
-                logging_steps=1, gradient_checkpointing=True),
-)
+# Budgets cap a profile: each number in a budget is an upper bound on the profile's value (after any
+# overrides); `smoke` runs every stage a few steps and every evaluation on a few samples, to check that a
+# whole notebook or command works before a long run (the test suite runs everything this way).
+BUDGETS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "smoke": dict(
+        stage1=dict(max_steps=3, per_device_train_batch_size=2, save_steps=1, eval_steps=3, eval_samples=4,
+                    logging_steps=1),
+        stage2=dict(max_steps=2, per_device_train_batch_size=2, save_steps=2, eval_steps=2, eval_samples=4,
+                    logging_steps=1),
+        eval=dict(limit=2, max_new_tokens=12, pope_questions=6),
+    ),
+}
 
 # Architecture of the t4 backbones, from their hub config.json files, so that parameter counts and
 # the memory plan can be computed without downloading them (CLIPVisionConfig defaults are ViT-B/32).
@@ -207,22 +208,26 @@ def is_offline(profile: Profile) -> bool:
                                                       profile.data.dataset))
 
 
-def in_test() -> bool:
-    """True under the test suite (pytest, or notebooks run by `pytest --nbmake`)."""
-    return os.environ.get(TEST_ENV, "") not in ("", "0") or "PYTEST_CURRENT_TEST" in os.environ
-
-
 def in_colab() -> bool:
     """True inside a Google Colab runtime."""
     return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
 
 
 def pick_profile_name(requested: str = "t4") -> str:
-    """The profile to use: $LLAVA_NB_PROFILE wins, then `offline` under tests, then `requested`."""
-    name = os.environ.get(PROFILE_ENV) or ("offline" if in_test() else requested)
+    """The profile to use: $LLAVA_NB_PROFILE when set, else `requested`."""
+    name = os.environ.get(PROFILE_ENV) or requested
     if name not in PROFILES:
         raise KeyError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} (from {PROFILE_ENV} "
                        f"or the notebook's parameter cell)")
+    return name
+
+
+def pick_budget_name(requested: str | None = None) -> str:
+    """The budget to use: `requested` when given, else $LLAVA_NB_BUDGET, else 'full'."""
+    name = requested or os.environ.get(BUDGET_ENV) or "full"
+    if name not in BUDGETS:
+        raise KeyError(f"unknown budget {name!r}: choose one of {sorted(BUDGETS)} (from {BUDGET_ENV} or "
+                       f"--budget)")
     return name
 
 
@@ -236,16 +241,27 @@ def _replace(obj: Any, overrides: dict[str, Any], where: str) -> Any:
     return dataclasses.replace(obj, **{**overrides, **nested})
 
 
-def get_profile(name: str, **overrides: Any) -> Profile:
-    """Profile `name` with overrides, e.g. `get_profile('offline', stage1=dict(max_steps=10))`."""
+def _cap(obj: Any, caps: dict[str, Any]) -> Any:
+    changes = {k: _cap(getattr(obj, k), v) if isinstance(v, dict) else min(getattr(obj, k), v)
+               for k, v in caps.items()}
+    return dataclasses.replace(obj, **changes)
+
+
+def get_profile(name: str, budget: str = "full", **overrides: Any) -> Profile:
+    """Profile `name` with overrides, capped by `budget` (BUDGETS), e.g.
+    `get_profile('offline', stage1=dict(max_steps=10))` or `get_profile('t4', budget='smoke')`."""
     if name not in PROFILES:
         raise KeyError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)}")
-    return _replace(PROFILES[name], overrides, "profile")
+    if budget not in BUDGETS:
+        raise KeyError(f"unknown budget {budget!r}: choose one of {sorted(BUDGETS)}")
+    profile = _replace(PROFILES[name], overrides, "profile")
+    return dataclasses.replace(_cap(profile, BUDGETS[budget]), budget=budget)
 
 
 def pick_profile(requested: str = "t4", **overrides: Any) -> Profile:
-    """What a notebook's parameter cell calls: `requested`, unless $LLAVA_NB_PROFILE or a test says otherwise."""
-    return get_profile(pick_profile_name(requested), **overrides)
+    """What a notebook's parameter cell calls: `requested` with overrides, unless $LLAVA_NB_PROFILE names
+    another profile; capped by $LLAVA_NB_BUDGET when set."""
+    return get_profile(pick_profile_name(requested), pick_budget_name(), **overrides)
 
 
 def cache_dir() -> Path:

@@ -43,7 +43,7 @@ def free_disk_gib(path: str | Path) -> float:
 
 
 def environment_report(profile: cfg.Profile) -> dict[str, Any]:
-    """Versions, GPU (name and memory, or 'CPU only'), profile, test/Colab flags, free disk, advice."""
+    """Versions, GPU (name and memory, or 'CPU only'), profile and budget, Colab or not, free disk, advice."""
     report: dict[str, Any] = {"python": platform.python_version()}
     report |= {name: package_version(name) for name in PACKAGES}
     if torch.cuda.is_available():
@@ -54,7 +54,7 @@ def environment_report(profile: cfg.Profile) -> dict[str, Any]:
     else:
         report |= {"gpu": "CPU only", "is_t4": False, "bf16": False}
     cache = backbone_cache(profile)
-    report |= {"profile": profile.name, "colab": cfg.in_colab(), "test_mode": cfg.in_test(),
+    report |= {"profile": profile.name, "budget": profile.budget, "colab": cfg.in_colab(),
                "backbone_cache": str(cache), "free_disk_gib": round(free_disk_gib(cache), 1)}
     report["advice"] = _advice(profile, report)
     return report

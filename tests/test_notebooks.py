@@ -1,14 +1,12 @@
-"""The notebooks as Colab and Jupyter users meet them: T4 metadata, a first cell that gets the project from
-the one place that names the repository (or from where Colab opened it), README badges that agree, no
-placeholder URLs, and plots that arrive as pictures in a stock kernel."""
+"""The notebooks as Colab and Jupyter users meet them: T4 metadata, one short first cell that gets the project
+from the one place that names the repository (pyproject.toml), README badges that agree, no placeholder URLs
+elsewhere, no cell repeated across notebooks, and plots that arrive as pictures in a stock kernel."""
 
 import json
 import os
 import re
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import nbformat
@@ -39,23 +37,40 @@ def test_colab_opens_every_notebook_on_a_t4_with_the_bootstrap_cell(path):
     assert "".join(colab.first_code_cell(notebook)["source"]) == colab.bootstrap_source(), (
         f"{path.name}: its first code cell is not llava_nb/colab.py's: run python -m llava_nb.colab")
     assert notebook["cells"][0]["cell_type"] == "markdown"  # the title comes first, then the bootstrap
+    assert len(colab.bootstrap_source().splitlines()) < 8
+    assert "runs.use_drive()" in "".join("".join(c["source"]) for c in notebook["cells"])  # runs on Drive
+
+
+def test_no_run_of_six_lines_repeats_across_notebooks():
+    seen: dict[tuple[str, ...], str] = {}
+    for path in NOTEBOOKS:
+        for cell in read(path)["cells"][2:]:  # after the title and the Colab cell
+            lines = [line.strip() for line in "".join(cell["source"]).splitlines() if line.strip()]
+            for i in range(len(lines) - 5):
+                run = tuple(lines[i:i + 6])
+                assert seen.setdefault(run, path.name) == path.name, (
+                    f"{path.name} repeats six lines of {seen[run]}: {run}")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_no_notebook_holds_a_placeholder_url(path):
-    for cell in read(path)["cells"]:
+    notebook = read(path)
+    for cell in notebook["cells"]:
+        if cell is colab.first_code_cell(notebook):  # the repository from pyproject.toml (tested above)
+            continue
         for url in URL.findall("".join(cell["source"])):
             if "{" in url:  # built from a value in the cell, e.g. https://github.com/{REPO}
                 continue
             assert not PLACEHOLDER.search(url), f"{path.name}: placeholder URL {url!r}"
 
 
-def test_readme_badges_and_the_notebooks_repo_field_come_from_the_one_place():
+def test_readme_badges_and_the_notebooks_first_cell_come_from_pyproject():
     readme = (ROOT / "README.md").read_text()
     assert colab.badges_markdown(ROOT) in readme, "README badges differ: run python -m llava_nb.colab"
+    repo = colab.github_repo()
     for path in NOTEBOOKS:
         assert colab.colab_url(path.name) in readme
-        assert f'REPO = "{colab.GITHUB_REPO}"' in "".join(colab.first_code_cell(read(path))["source"])
+        assert f"https://github.com/{repo}" in "".join(colab.first_code_cell(read(path))["source"])
     assert readme.count("colab.research.google.com/github/") == len(NOTEBOOKS)  # no badge outside the block
 
 
@@ -66,24 +81,30 @@ def test_writing_the_notebooks_again_changes_nothing(tmp_path):
         assert not colab.write_notebook(copy), f"{path.name} is not as python -m llava_nb.colab writes it"
 
 
+def test_setting_the_repository_writes_pyproject_only(tmp_path):
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    colab.set_repo("bob/fork-of-it", root=tmp_path)
+    assert colab.github_repo(tmp_path) == "bob/fork-of-it"
+    assert "https://github.com/bob/fork-of-it" in colab.bootstrap_source(colab.github_repo(tmp_path))
+    with pytest.raises(SystemExit, match="owner/name"):
+        colab.set_repo("not a repository", root=tmp_path)
+
+
 def test_colab_setup_installs_no_test_tools():
     script = "\n".join(line.split("#")[0] for line in (ROOT / "colab_setup.sh").read_text().splitlines())
     assert "requirements-dev" not in script
     assert not re.search(r"\b(pytest|nbmake|playwright|nbclient)\b", script)
 
 
-UNSET = f"{colab.PLACEHOLDER_OWNER}/llava-on-a-budget"  # REPO before the repository is published
-
-
-def run_bootstrap(tmp_path: Path, env: dict[str, str], repo: str = UNSET) -> subprocess.CompletedProcess:
+def run_bootstrap(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """The first cell as a script, in a folder that is not a checkout, with a `git` that only records."""
     (tmp_path / "bin").mkdir(exist_ok=True)
     git = tmp_path / "bin" / "git"
     git.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/git-args\nexit 1\n')  # no network: the clone "fails"
     git.chmod(0o755)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("COLAB_", "KMP_"))}
-    return subprocess.run([sys.executable, "-c", colab.bootstrap_source(repo)], cwd=tmp_path, text=True,
-                          capture_output=True, timeout=60,
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("COLAB_")}
+    return subprocess.run([sys.executable, "-c", colab.bootstrap_source("bob/fork-of-it")], cwd=tmp_path,
+                          text=True, capture_output=True, timeout=60,
                           env={**clean, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", **env})
 
 
@@ -93,39 +114,11 @@ def test_outside_colab_the_first_cell_does_nothing(tmp_path):
     assert not (tmp_path / "git-args").exists()
 
 
-def test_in_colab_without_a_repository_the_first_cell_asks_for_one(tmp_path):
-    done = run_bootstrap(tmp_path, {"COLAB_RELEASE_TAG": "test"})  # no sessions API to ask
-    assert done.returncode != 0 and "Type it as owner/name into REPO" in done.stderr
-    assert not (tmp_path / "git-args").exists()
-
-
-def test_in_colab_the_first_cell_clones_the_repository_colab_opened_the_notebook_from(tmp_path):
-    opened = "https://github.com/alice/llava-on-a-budget/blob/main/notebooks/01_setup.ipynb"
-
-    class Sessions(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps([{"name": "01_setup.ipynb", "path": "fileId=" + opened.replace(":", "%3A")
-                                .replace("/", "%2F"), "type": "notebook"}]).encode()
-            self.send_response(200 if self.path == "/api/sessions" else 404)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Sessions)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        done = run_bootstrap(tmp_path, {"COLAB_RELEASE_TAG": "test", "COLAB_JUPYTER_IP": "127.0.0.1",
-                                        "KMP_TARGET_PORT": str(server.server_port)})
-    finally:
-        server.shutdown()
-    assert (tmp_path / "git-args").read_text().split()[:3] == [
-        "clone", "--depth=1", "https://github.com/alice/llava-on-a-budget"]
-    assert "check REPO in the form" in done.stderr  # the recording git "failed"
-
-    run_bootstrap(tmp_path, {"COLAB_RELEASE_TAG": "test"}, repo="bob/fork-of-it")  # REPO set: no lookup
-    assert (tmp_path / "git-args").read_text().split()[2] == "https://github.com/bob/fork-of-it"
+def test_in_colab_the_first_cell_clones_the_repository_and_stops_when_that_fails(tmp_path):
+    done = run_bootstrap(tmp_path, {"COLAB_RELEASE_TAG": "test"})
+    assert (tmp_path / "git-args").read_text().split() == [
+        "clone", "-q", "--depth=1", "https://github.com/bob/fork-of-it", colab.CLONE_DIR]
+    assert done.returncode != 0 and "CalledProcessError" in done.stderr  # nothing runs after a failed clone
 
 
 PLOT_INPUTS = '''\
