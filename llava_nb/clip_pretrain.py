@@ -8,13 +8,13 @@ negative of every caption (two objects' colours or shapes swapped, or one attrib
 tower has to bind colour and shape to the same object instead of listing the colours it sees.
 
 The contrastive loss trains the pooled CLS token only, and LLaVA drops CLS: it reads the patch tokens of
-the penultimate layer (`PATCH_LAYER`). With that loss alone (and yes/no questions) stage 1 stopped at
-75 %. So a linear read-out on those patch tokens is trained beside it (`patch_loss`, weighted
+the penultimate layer (`PATCH_LAYER`), which that loss alone does not teach where each colour and shape
+is. So a linear read-out on those patch tokens is trained beside it (`patch_loss`, weighted
 `ClipConfig.patch_weight`) to say, per 32-px patch, which share of its pixels shows the background or an
 object of each colour, shape, side and size (`patch_targets`): dense supervision, as a segmentation head
-gives, from the drawing's own object map; and, on every patch, how many objects the scene holds. The
-read-out named the shape of held-out patches 44 % of the time at weight 1, 96 % at 15. It is dropped
-afterwards; the checkpoint is a plain CLIPModel.
+gives, from the drawing's own object map; and, on every patch, how many objects the scene holds. It is
+dropped afterwards; the checkpoint is a plain CLIPModel. What each choice measured, and when:
+docs/offline-profile.md.
 
 The result is saved as openai's checkpoint is (`pytorch_model.bin` with the text and vision keys,
 `config.json`, `preprocessor_config.json`), plus `words.json` (its 20-word vocabulary) and

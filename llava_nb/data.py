@@ -12,13 +12,12 @@ from __future__ import annotations
 import io
 import logging
 import math
-import re
 from collections import Counter
 
 import torch
 from PIL import Image
 
-from .processing import IMAGE_TOKEN, assistant_spans, image_tokens_per_image, special_prefix
+from .processing import IMAGE_TOKEN, image_tokens_per_image, special_prefix
 
 log = logging.getLogger(__name__)
 
@@ -266,12 +265,24 @@ def batch_stats(batch: dict[str, torch.Tensor], ignore_index: int = IGNORE_INDEX
             "padding_fraction": 1 - tokens / mask.numel()}
 
 
-def describe_batch(batch: dict[str, torch.Tensor], tokenizer, index: int = 0,
-                   ignore_index: int = IGNORE_INDEX) -> dict[str, object]:
-    """Example `index` of a batch: its full text (image tokens collapsed) and its supervised spans."""
-    n = int(batch["attention_mask"][index].sum())
-    text = tokenizer.decode(batch["input_ids"][index, :n])
-    run = f"(?:{re.escape(IMAGE_TOKEN)})+"
-    text = re.sub(run, lambda m: f"{IMAGE_TOKEN}x{m[0].count(IMAGE_TOKEN)}", text)
-    labels = batch["labels"][index]
-    return {"text": text, "supervised": assistant_spans(tokenizer, labels, labels != ignore_index)}
+def show_supervised(batch: dict[str, torch.Tensor], tokenizer, row: int = 0,
+                    ignore_index: int = IGNORE_INDEX) -> str:
+    """Row `row` of a batch as text, what the loss sees marked: tokens whose label is not `ignore_index`
+    in [[...]], each run of `<image>` or padding tokens as one marker with its count (`<image>x49`)."""
+    ids = batch["input_ids"][row].tolist()
+    supervised = (batch["labels"][row] != ignore_index).tolist()
+    collapsed = {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN): IMAGE_TOKEN}
+    collapsed |= {tokenizer.pad_token_id: tokenizer.pad_token} if tokenizer.pad_token is not None else {}
+    keys = [(on, token if token in collapsed else None) for on, token in zip(supervised, ids)]
+    starts = [i for i in range(len(ids)) if i == 0 or keys[i] != keys[i - 1]]  # a run per key
+    parts, shown, on = [], "", False
+    for start, end in zip(starts, starts[1:] + [len(ids)]):
+        # decode growing prefixes, keep what is new: a run decoded alone loses SentencePiece's leading space
+        text = tokenizer.decode(ids[:end])
+        piece = text[len(shown):] if text.startswith(shown) else tokenizer.decode(ids[start:end])
+        shown = text
+        if supervised[start] != on:
+            parts.append("[[" if supervised[start] else "]]")
+            on = supervised[start]
+        parts.append(f"{collapsed[ids[start]]}x{end - start}" if ids[start] in collapsed else piece)
+    return "".join(parts + ["]]"] * on)

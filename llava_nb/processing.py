@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tokenizers import AddedToken
@@ -44,6 +45,18 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
+
+
+def template_lines(template: str = CHAT_TEMPLATE) -> str:
+    """A one-line Jinja chat template laid out to read: a tag a line, indented by nesting, newlines as \\n."""
+    lines, depth = [], 0
+    for piece in re.split(r"(\{[%{].*?[%}]\})", template.replace("\n", "\\n")):
+        word = re.match(r"\{%-?\s*(\w*)", piece)[1] if piece.startswith("{%") else ""
+        depth -= word.startswith("end")
+        if piece:  # a tag, or literal text between tags
+            lines.append("    " * (depth - (word in ("else", "elif"))) + piece)
+        depth += word in ("for", "if", "generation")
+    return "\n".join(lines)
 
 
 def add_special_tokens(tokenizer) -> list[str]:

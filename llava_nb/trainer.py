@@ -1,10 +1,10 @@
 """The Trainer of both stages: checkpoints of what trains, written atomically, a loss that projects only the
 supervised positions onto the vocabulary, the training arguments of a TrainConfig, and two callbacks.
 
-Three of Trainer's private methods are overridden here, and only here: `_load_from_checkpoint` (a
+Four of Trainer's private methods are overridden here, and only here: `_load_from_checkpoint` (a
 checkpoint holds the trainable tensors only), `_save_checkpoint` with `_get_output_dir` (write into a
 staging folder, then rename), and `_load_optimizer_and_scheduler` (several CPU processes on transformers
-5.15). tests/test_trainer.py fails loudly on both CI legs if their signatures change.
+5.15). tests/test_trainer.py fails loudly on every CI leg if their signatures change.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class LlavaTrainer(Trainer):
         """Cross-entropy over the supervised tokens, computing only what they need.
 
         The model's own loss projects every position onto the vocabulary (49k-32k columns) and then ignores
-        all but the ~6 % that are replies; this applies the LM head to the rows that count, drops the
+        all but the few that are replies; this applies the LM head to the rows that count, drops the
         columns after the batch's last supervised token and, with `shared_prefix` while the language model
         is frozen (stage 1), runs the system prompt that opens every sample once instead of once per sample
         (`shared_prefix_cache`). The same mean, the same gradients (tests/test_fast_loss.py).

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import re
 from collections import Counter
 
 import datasets
@@ -85,9 +86,36 @@ def test_labels_are_exactly_the_assistant_replies(processor, replies):
     assert (labels[n:] == -100).all() and (ids[n:] == tok.pad_token_id).all()
     assert (labels[:n][labels[:n] != -100] == ids[:n][labels[:n] != -100]).all()
     assert batch["pixel_values"].shape == (2, 3, 224, 224)
-    described = data.describe_batch(batch, tok, index=0)
-    assert f"<image>x{N_IMAGE_TOKENS}" in described["text"] and "USER:" in described["text"]
-    assert [s.strip() for s in described["supervised"]] == [f"{r}{tok.eos_token}" for r in replies]
+
+
+
+def test_show_supervised_marks_exactly_the_labelled_tokens(processor):
+    tok = processor.tokenizer
+    replies = ["Red.", "Circle.", "Two shapes, both on the left."]
+    three_turns = chat(["What colour is it?", "What shape?", "How many?"], replies)
+    batch = data.LlavaCollator(processor, max_length=512)([three_turns, chat(["Describe it."], ["A square."])])
+    shown = data.show_supervised(batch, tok, row=0)
+    marked = re.findall(r"\[\[(.*?)\]\]", shown, flags=re.DOTALL)
+    assert [m.strip() for m in marked] == spans(batch["labels"][0], tok) == [r + tok.eos_token for r in replies]
+    outside = re.sub(r"\[\[.*?\]\]", "", shown, flags=re.DOTALL)
+    assert outside.count(f"<image>x{N_IMAGE_TOKENS}") == 1 and "USER:" in outside  # image: never marked
+    # with the markers taken out and the image run written out again, the text is the row's own decoding
+    n = int(batch["attention_mask"][0].sum())
+    unmarked = shown.replace("[[", "").replace("]]", "")
+    unmarked = unmarked.replace(f"<image>x{N_IMAGE_TOKENS}", "<image>" * N_IMAGE_TOKENS)
+    assert unmarked == tok.decode(batch["input_ids"][0, :n])
+    padding = int((batch["attention_mask"][1] == 0).sum())
+    assert padding and data.show_supervised(batch, tok, row=1).endswith(f"{tok.pad_token}x{padding}")
+
+
+def test_show_supervised_follows_the_labels_not_the_template(processor):
+    tok = processor.tokenizer
+    batch = data.LlavaCollator(processor, max_length=512)([chat(["What colour is it?"], ["Red."])])
+    every = dict(batch, labels=batch["input_ids"].clone())  # the image included
+    shown = data.show_supervised(every, tok)
+    assert shown.startswith("[[") and shown.endswith("]]") and shown.count("[[") == 1
+    assert f"<image>x{N_IMAGE_TOKENS}" in shown
+    assert "[[" not in data.show_supervised(dict(batch, labels=torch.full_like(batch["labels"], -100)), tok)
 
 
 def test_image_after_the_text_and_the_system_turn_are_not_supervised(processor):

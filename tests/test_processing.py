@@ -137,3 +137,11 @@ def test_assistant_spans_splits_runs(tokenizer):
     spans = processing.assistant_spans(tokenizer, ids, [0, 1, 1, 0, 1])
     assert [s.strip() for s in spans] == ["b c", "e"]  # SentencePiece decodes a run without its leading space
     assert processing.assistant_spans(tokenizer, ids, [0] * 5) == []
+
+
+def test_template_lines_lays_out_the_template_without_changing_it():
+    lines = processing.template_lines().splitlines()
+    assert "".join(line.strip() for line in lines).replace("\\n", "\n") == processing.CHAT_TEMPLATE
+    assert lines[-1] == "{%- endif -%}" and "        {%- generation -%}" in lines  # nesting shows as indent
+    assert processing.template_lines("A {% if x %}{{ x }}{% endif %}").splitlines() == [
+        "A ", "{% if x %}", "    {{ x }}", "{% endif %}"]
