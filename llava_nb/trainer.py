@@ -33,7 +33,8 @@ from .checkpoints import (
     save_trainable,
 )
 from .data import IGNORE_INDEX
-from .stages import base_model, cpu_bf16_autocast
+from .device import cpu_bf16_autocast
+from .surgery import base_model
 
 
 class LlavaTrainer(Trainer):
@@ -243,7 +244,7 @@ def training_arguments(t: cfg.TrainConfig, checkpoint_dir: str | os.PathLike, *,
     """The profile's TrainConfig as TrainingArguments: the tutorial's schedule, T4-safe precision."""
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
-        output_dir=str(checkpoint_dir),
+        output_dir=str(checkpoint_dir),  # Trainer's output_dir only ever holds checkpoints: checkpoint_dir
         max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
