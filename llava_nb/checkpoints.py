@@ -61,7 +61,7 @@ def load_trainable(model: nn.Module, folder: str | os.PathLike) -> None:
         extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
         raise KeyError(f"{path} does not match the model being trained (in the file only: {extra[:3]}, in "
                        f"the model only: {missing[:3]}): it comes from another stage or LoRA setting; resume "
-                       "into the same stage and profile, or start afresh in another --output-dir")
+                       "into the same stage and profile, or start afresh in another --export-dir")
     for name, tensor in state.items():
         if params[name].shape != tensor.shape:
             raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "

@@ -130,8 +130,9 @@ class LlavaTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # Trainer writes checkpoint-N in place, so a kill mid-save would leave half a folder that looks like
-        # the newest checkpoint. Let it write into <output_dir>/.staging-checkpoint-N/checkpoint-N instead,
-        # then rename the finished folder into place: a checkpoint either is complete or does not exist.
+        # the newest checkpoint. Let it write into <checkpoint_dir>/.staging-checkpoint-N/checkpoint-N
+        # instead (args.output_dir is the checkpoint_dir), then rename the finished folder into place: a
+        # checkpoint either is complete or does not exist.
         final = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging_root = final.with_name(STAGING_PREFIX + final.name)
         self._staging = staging_root
