@@ -4,7 +4,7 @@ layout and inference, evaluation and the demo read it; both take it from here.
 
 `run_dir(profile)` is, first match wins:
 
-    $LLAVA_NB_OUTPUTS/<profile>                  when set (the test suite sets a temporary one)
+    $LLAVA_NB_OUTPUTS/<profile>                  when set
     /content/drive/MyDrive/llava_nb/<profile>    Colab with Google Drive mounted
     <repository>/outputs/<profile>               a checkout, whatever the working directory
     ./outputs/<profile>                          an installed copy (no checkout to hold it)
@@ -36,7 +36,7 @@ from .fsutil import MANIFEST, is_complete
 DRIVE = Path("/content/drive")  # where Colab mounts Google Drive
 DRIVE_FOLDER = "llava_nb"  # under MyDrive: run folders and the hub cache
 HUB_CACHE_FOLDER = "hub-cache"  # under DRIVE_FOLDER: what HF_HUB_CACHE points at while Drive is used
-OUTPUTS_ENV = "LLAVA_NB_OUTPUTS"  # overrides where run folders go (the test suite: a temporary one)
+OUTPUTS_ENV = "LLAVA_NB_OUTPUTS"  # overrides where run folders go
 SHORT = "short"  # the export of notebooks 06/07's short stage 1, when no other is there
 CHECKPOINTS_SUFFIX = "-checkpoints"  # <export_dir>-checkpoints: where an export's training checkpoints go
 SUMMARY_FILE = "llava_nb_training.json"  # an export's record of its training (written by checkpoints.export)
