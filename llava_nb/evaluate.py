@@ -317,7 +317,7 @@ def load_model(checkpoint: str, profile: cfg.Profile, device: str | None = None)
         return infer.load(checkpoint, device=device, profile_name=profile.name)
     from .surgery import build
 
-    model, processor = build(profile)
+    model, processor = build(profile, prepare_backbones(profile))
     device = torch.device(device) if device else default_device()
     return model.to(device, default_dtype(device)).eval(), processor
 

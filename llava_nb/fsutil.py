@@ -1,4 +1,7 @@
-"""Atomic writes: a killed run leaves the previous version or nothing, never half a folder."""
+"""Files on disk: atomic folders (a killed run leaves the previous version or nothing, never half a folder)
+with a manifest, the reader of checkpoint files, and the error for files the hub cannot give.
+
+Light on purpose (torch is imported when a checkpoint is read): `runs` reads it before transformers."""
 
 from __future__ import annotations
 
@@ -9,6 +12,10 @@ import shutil
 import tempfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "llava_nb_manifest.json"  # written last into a folder: lists its files and their sizes
 
@@ -73,3 +80,37 @@ def human_size(n: float) -> str:
         n /= 1000
         if n < 1000 or unit == "GB":
             return f"{n:.1f} {unit}"
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a `.safetensors` or `.bin` checkpoint; a damaged file is an error naming it."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: run prepare_backbones() (notebook 01)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        if path.suffix == ".bin":
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files raise many different types
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or "
+                         "incomplete: delete it and run prepare_backbones() again") from e
+    raise ValueError(f"unsupported checkpoint format {path.name!r}: expected .safetensors or .bin")
+
+
+class HubUnreachable(ConnectionError):
+    """A hub repo could neither be downloaded nor found in the local cache."""
+
+
+def hub_unreachable(repo_id: str, kind: str, error: BaseException) -> HubUnreachable:
+    """The error to raise when `repo_id` cannot be had: which repo, why, and what to do instead."""
+    why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+    return HubUnreachable(
+        f"cannot reach the {kind} {repo_id!r} on the Hugging Face Hub, and it is not in the local cache "
+        f"({why}). The t4 profile downloads its models and streams its data from the hub: check the network "
+        "(and that HF_HUB_OFFLINE is not set), or use the profile that needs no hub: --profile offline "
+        "(PROFILE = \"offline\" in a notebook).")

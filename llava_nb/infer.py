@@ -27,9 +27,9 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from . import config as cfg
-from .checkpoints import checkpoint_problem
 from .data import to_rgb
 from .device import default_device, default_dtype
+from .runs import checkpoint_problem
 
 ImageInput = str | Path | Image.Image  # an http(s) URL, a local path, or a PIL image
 MONA_LISA_URL, TUTORIAL_QUESTION = cfg.MONA_LISA_URL, cfg.TUTORIAL_QUESTION  # the tutorial's example

@@ -31,7 +31,7 @@ import datasets
 from PIL import Image
 
 from .data import SkipSample, note_skip, to_rgb
-from .sources import HubUnreachable
+from .fsutil import HubUnreachable
 from .streams import load_split
 
 REPO = "lmms-lab/POPE"

@@ -1,12 +1,20 @@
-"""Where a run lives: one folder per profile, the same for the CLI and every notebook, and Drive on Colab.
+"""Where a run lives and what an export is: one folder per profile, the same for the CLI and every
+notebook, Drive on Colab, and the checks that tell an export from anything else. Training writes this
+layout and inference, evaluation and the demo read it; both take it from here.
 
 `run_dir(profile)` is, first match wins:
 
     $LLAVA_NB_OUTPUTS/<profile>                  when set
-    a temporary folder/<profile>                 under the test suite (removed when the process ends)
     /content/drive/MyDrive/llava_nb/<profile>    Colab with Google Drive mounted
     <repository>/outputs/<profile>               a checkout, whatever the working directory
     ./outputs/<profile>                          an installed copy (no checkout to hold it)
+
+Inside it, one name per folder: an export_dir is an exported model (plain transformers loads it), its
+checkpoint_dir holds the trainer's checkpoint-N folders:
+
+    stage1/  stage2/                              export_dir of each stage (`stage_dir`)
+    stage1-checkpoints/  stage2-checkpoints/      checkpoint_dir beside each (`default_checkpoint_dir`)
+    short/                                        notebooks 06/07's stopgap (`train.find_or_train`)
 
 On Colab, `use_drive` also keeps the hub's download cache on Drive, so a notebook's fresh runtime finds
 the backbones the previous notebook fetched. This module imports nothing heavy: the notebooks' first
@@ -15,24 +23,25 @@ cell calls it before transformers is imported.
 
 from __future__ import annotations
 
-import atexit
+import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 from . import config as cfg
+from .fsutil import MANIFEST, is_complete
 
 DRIVE = Path("/content/drive")  # where Colab mounts Google Drive
 DRIVE_FOLDER = "llava_nb"  # under MyDrive: run folders and the hub cache
 HUB_CACHE_FOLDER = "hub-cache"  # under DRIVE_FOLDER: what HF_HUB_CACHE points at while Drive is used
-OUTPUTS_ENV = "LLAVA_NB_OUTPUTS"  # overrides where run folders go (the notebook tests: a temporary one)
-EXPORT_NAMES = ("stage2", "stage1", "short")  # a run folder's exports (short: notebooks 06/07's stopgap)
-
-_test_outputs: Path | None = None
+OUTPUTS_ENV = "LLAVA_NB_OUTPUTS"  # overrides where run folders go
+SHORT = "short"  # the export of notebooks 06/07's short stage 1, when no other is there
+CHECKPOINTS_SUFFIX = "-checkpoints"  # <export_dir>-checkpoints: where an export's training checkpoints go
+SUMMARY_FILE = "llava_nb_training.json"  # an export's record of its training (written by checkpoints.export)
+EXPORT_FILES = ("config.json", "processor_config.json", "tokenizer_config.json")  # what every export holds
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def repo_root() -> Path | None:
@@ -50,8 +59,6 @@ def outputs_root(profile: cfg.Profile) -> Path:
     """The folder that holds every profile's run folder (see the module docstring for the order)."""
     if os.environ.get(OUTPUTS_ENV):
         return Path(os.environ[OUTPUTS_ENV]).expanduser()
-    if cfg.in_test():
-        return _temporary_outputs()
     if drive_home() is not None:
         return drive_home()
     folder = Path(profile.output_dir).expanduser()
@@ -59,17 +66,32 @@ def outputs_root(profile: cfg.Profile) -> Path:
 
 
 def run_dir(profile: cfg.Profile) -> Path:
-    """Where a profile's stages go: `<outputs_root>/<profile>`, with stage1/, stage2/ and their checkpoints."""
+    """Where a profile's stages go: `<outputs_root>/<profile>`, laid out as the module docstring draws."""
     return outputs_root(profile) / profile.name
 
 
-def _temporary_outputs() -> Path:
-    # Tests must leave nothing that a user's notebook would pick up as an export.
-    global _test_outputs
-    if _test_outputs is None:
-        _test_outputs = Path(tempfile.mkdtemp(prefix="llava_nb-test-outputs-"))
-        atexit.register(shutil.rmtree, _test_outputs, ignore_errors=True)
-    return _test_outputs
+def stage_name(stage: int) -> str:
+    """`stage1`, `stage2`: a stage's export folder in the run folder."""
+    return f"stage{stage}"
+
+
+def stage_dir(profile: cfg.Profile, stage: int) -> Path:
+    """A stage's default export_dir: `run_dir(profile)/stage<N>`."""
+    return run_dir(profile) / stage_name(stage)
+
+
+def default_checkpoint_dir(export_dir: str | os.PathLike) -> Path:
+    """`<export_dir>-checkpoints`: beside the export, which is replaced whole when written."""
+    export_dir = Path(export_dir)
+    return export_dir.with_name(export_dir.name + CHECKPOINTS_SUFFIX)
+
+
+def default_init_from(export_dir: str | os.PathLike) -> Path:
+    """Stage 2 starts from `<export_dir>/../stage1`, the stage-1 export of the same run."""
+    return Path(export_dir).parent / stage_name(1)
+
+
+EXPORT_NAMES = (stage_name(2), stage_name(1), SHORT)  # a run folder's exports, as `find_export` looks
 
 
 # ------------------------------------------------------------------------------------------- Drive
@@ -122,11 +144,39 @@ def use_drive() -> dict[str, str]:
 # ----------------------------------------------------------------------------------------- exports
 
 
+def make_checkpoint_hint(folder: str | os.PathLike, profile_name: str = "offline") -> str:
+    """How to get an exported folder at `folder`: the notebook and the command that write one."""
+    return (f"train one with notebooks/05_training.ipynb, or run `python -m llava_nb.train --profile "
+            f"{profile_name} --stage 1 --export-dir {folder}`")
+
+
+def checkpoint_problem(folder: str | os.PathLike, profile_name: str = "offline") -> str | None:
+    """None when `folder` holds a complete export (model and processor); otherwise what is wrong and what
+    to do."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"no exported model at {folder}: {make_checkpoint_hint(folder, profile_name)}"
+    missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        missing.append("model.safetensors")
+    if missing:
+        return (f"{folder} is not an exported model (missing {', '.join(missing)}; a checkpoint-N folder "
+                f"holds only what trains): point at the export, or "
+                f"{make_checkpoint_hint(folder, profile_name)}")
+    if (folder / MANIFEST).is_file() and not is_complete(folder):
+        return (f"{folder} is damaged (a file is missing or has the wrong size, see {MANIFEST}): delete it "
+                f"and {make_checkpoint_hint(folder, profile_name)}")
+    return None
+
+
+def read_summary(folder: str | os.PathLike) -> dict:
+    """The training record an export carries (`llava_nb_training.json`): settings, log history, metrics."""
+    return json.loads((Path(folder) / SUMMARY_FILE).read_text())
+
+
 def find_export(profile: cfg.Profile, checkpoint: str | os.PathLike | None = None) -> Path | None:
     """The export to use: `checkpoint` when given (it must be one), else the newest complete export in
     `run_dir(profile)` (stage2/, stage1/ or short/), else None. Prints where it looked."""
-    from .checkpoints import checkpoint_problem
-
     if checkpoint is not None:
         problem = checkpoint_problem(checkpoint, profile.name)
         if problem:
@@ -144,8 +194,6 @@ def find_export(profile: cfg.Profile, checkpoint: str | os.PathLike | None = Non
 
 def describe_export(folder: str | os.PathLike) -> dict[str, object]:
     """Which export this is and how it was trained (from the record `llava_nb.train` writes into it)."""
-    from .checkpoints import SUMMARY_FILE, read_summary
-
     folder = Path(folder)
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(folder.stat().st_mtime))
     if not (folder / SUMMARY_FILE).is_file():

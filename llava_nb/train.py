@@ -2,10 +2,11 @@
 
 Stage 1 (feature alignment) trains the projector alone on single-turn samples; stage 2 starts from the
 stage-1 export, keeps the vision tower frozen, trains the projector and a LoRA adapter on the language
-model's linear layers, and exports with the adapter merged. A run's folders, under `run_dir(profile)`:
+model's linear layers, and exports with the adapter merged. A run's folders, under `run_dir(profile)`
+(the layout is `runs`'):
 
-    stage1/                 the export: LlavaForConditionalGeneration.from_pretrained(...) loads it
-    stage1-checkpoints/     checkpoint-N: trainable tensors, optimizer, scheduler, RNG and trainer state
+    stage1/                 export_dir: LlavaForConditionalGeneration.from_pretrained(...) loads it
+    stage1-checkpoints/     checkpoint_dir: checkpoint-N, trainable tensors, optimizer, scheduler, RNG, state
     stage2/, stage2-checkpoints/
 
 Command line: `python -m llava_nb.train --help`. The same command runs as several processes, one DDP group
@@ -35,17 +36,10 @@ from transformers import TrainerCallback
 
 from . import config as cfg
 from . import data, sources, surgery
-from .checkpoints import (
-    checkpoint_step,
-    default_checkpoint_dir,
-    default_init_from,
-    export,
-    read_position,
-    resume_point,
-)
+from .checkpoints import checkpoint_step, export, read_position, resume_point
 from .device import peak_rss_mb
-from .runs import run_dir  # where a profile's stages go (runs.py: repository, Drive or a test folder)
-from .stages import as_sources_hold_it, base_model, stage_model
+from .runs import SHORT, default_checkpoint_dir, default_init_from, find_export, run_dir, stage_dir
+from .stages import as_sources_hold_it, stage_model
 from .streams import TrainStream, held_out
 from .trainer import LlavaTrainer, StepTimer, training_arguments
 
@@ -70,7 +64,7 @@ def train(
     profile: cfg.Profile,
     stage: int = 1,
     *,
-    output_dir: str | os.PathLike | None = None,
+    export_dir: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     init_from: str | os.PathLike | None = None,
     resume: bool | str = False,
@@ -80,23 +74,24 @@ def train(
     keep_checkpoints: int = 2,
     export_model: bool = True,
 ) -> TrainResult:
-    """Train one stage of `profile` and export it to `output_dir` (default `run_dir(profile)/stage<N>`).
+    """Train one stage of `profile` and export it to `export_dir` (default `run_dir(profile)/stage<N>`);
+    its checkpoints go to `checkpoint_dir` (default `<export_dir>-checkpoints`).
 
     resume: False starts afresh (old checkpoints in `checkpoint_dir` are removed), True continues from the
     newest complete checkpoint, 'auto' continues if there is one. `seed` (default profile.seed) sets the
     projector/LoRA initialisation, the data order and dropout; the offline dataset itself stays the
     profile's. `dataset` replaces the profile's (hub id or local path). Stage 2 starts from `init_from`
-    (default `<output_dir>/../stage1`). `export_model=False` keeps the checkpoints only.
+    (default `<export_dir>/../stage1`). `export_model=False` keeps the checkpoints only.
     """
     t = profile.stage(stage)
     seed = profile.seed if seed is None else seed
-    output_dir = Path(output_dir) if output_dir is not None else run_dir(profile) / f"stage{stage}"
-    checkpoint_dir = Path(checkpoint_dir or default_checkpoint_dir(output_dir))
+    export_dir = Path(export_dir) if export_dir is not None else stage_dir(profile, stage)
+    checkpoint_dir = Path(checkpoint_dir or default_checkpoint_dir(export_dir))
     if stage == 2 and init_from is None:
-        init_from = default_init_from(output_dir)
+        init_from = default_init_from(export_dir)
     evaluate = t.eval_samples > 0
 
-    args = training_arguments(t, checkpoint_dir, seed=seed, evaluate=evaluate)
+    args = training_arguments(t, checkpoint_dir, seed=seed, evaluate=evaluate)  # output_dir=checkpoint_dir
     resume_from = resume_point(checkpoint_dir, resume, args)
     args.eval_on_start = evaluate and resume_from is None  # a resumed run measured its start already
     step0, start = 0, 0  # where this run starts: its optimizer step and the samples read before it
@@ -108,7 +103,7 @@ def train(
         if stage == 1:
             sources.prepare_backbones(profile)
     model, processor = stage_model(profile, stage, init_from=init_from, seed=seed)
-    parameters = surgery.parameters_by_part(base_model(model))
+    parameters = surgery.parameters_by_part(surgery.base_model(model))
     collator = data.LlavaCollator(processor, max_length=profile.data.max_length)
     train_stream = TrainStream(source, profile.data.train_split, max_turns=t.max_turns, seed=seed,
                                shuffle_buffer=profile.data.shuffle_buffer, skipped=collator.skipped,
@@ -147,7 +142,7 @@ def train(
                        "init_from": str(init_from) if init_from else None, "metrics": metrics,
                        "log_history": state.log_history}
             model = as_sources_hold_it(trainer.model, profile, stage, init_from=init_from, seed=seed)
-            exported = export(model, processor, output_dir, summary=summary)
+            exported = export(model, processor, export_dir, summary=summary)
         trainer.accelerator.wait_for_everyone()
     return TrainResult(export_dir=exported, checkpoint_dir=checkpoint_dir, global_step=state.global_step,
                        log_history=list(state.log_history), metrics=metrics, parameters=parameters,
@@ -165,6 +160,22 @@ def _metrics(log_history: list[dict], *, step_seconds: list[float], seconds: flo
             "first_eval_loss": evals[0] if evals else nan, "eval_loss": evals[-1] if evals else nan}
 
 
+def find_or_train(profile: cfg.Profile, checkpoint: str | os.PathLike | None = None, *,
+                  short_steps: int = 30) -> Path:
+    """An export to use (notebooks 06 and 07): `checkpoint` when given (it must be an export), else the
+    newest complete export in `run_dir(profile)` (`runs.find_export`), else a short stage 1 trained here,
+    `min(short_steps, profile.stage1.max_steps)` steps into `run_dir(profile)/short`, so that a notebook
+    can go on before notebook 05 has run. Prints what it does."""
+    found = find_export(profile, checkpoint)
+    if found is not None:
+        return found
+    steps = min(short_steps, profile.stage1.max_steps)
+    short = dataclasses.replace(profile, stage1=dataclasses.replace(profile.stage1, max_steps=steps))
+    folder = run_dir(profile) / SHORT
+    print(f"training {steps} stage-1 steps into {folder} (notebook 05 trains {profile.stage1.max_steps})")
+    return train(short, 1, export_dir=folder).export_dir  # max_steps reached: exported
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 
@@ -180,14 +191,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"settings to use (default: ${cfg.PROFILE_ENV}, or 'offline' under tests, else 't4')")
     p.add_argument("--stage", type=int, default=1, choices=(1, 2),
                    help="1: feature alignment (projector); 2: instructions (projector + LoRA)")
-    p.add_argument("--output-dir", default=None,
+    p.add_argument("--export-dir", default=None,
                    help="the export folder (default: <run dir>/stage<N>, the run dir being "
                         "/content/drive/MyDrive/llava_nb/<profile> when Drive is mounted, else "
                         "outputs/<profile> in the repository, whatever the working directory)")
     p.add_argument("--checkpoint-dir", default=None,
-                   help="where checkpoints go (default: <output-dir>-checkpoints)")
+                   help="where checkpoints go (default: <export-dir>-checkpoints)")
     p.add_argument("--init-from", default=None,
-                   help="stage 2: the stage-1 export to start from (default: <output-dir>/../stage1)")
+                   help="stage 2: the stage-1 export to start from (default: <export-dir>/../stage1)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the profile's)")
     p.add_argument("--save-steps", type=int, default=None,
                    help="checkpoint every N steps (default: the profile's)")
@@ -207,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
                  if v is not None}
     profile = cfg.get_profile(name, **{f"stage{args.stage}": overrides})
     try:
-        result = train(profile, args.stage, output_dir=args.output_dir, checkpoint_dir=args.checkpoint_dir,
+        result = train(profile, args.stage, export_dir=args.export_dir, checkpoint_dir=args.checkpoint_dir,
                        init_from=args.init_from, resume=args.resume, seed=args.seed, dataset=args.dataset)
     except sources.HubUnreachable as e:  # a message, not a stack of huggingface_hub frames
         print(f"error: {e}", file=sys.stderr)

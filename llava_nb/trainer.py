@@ -33,7 +33,8 @@ from .checkpoints import (
     save_trainable,
 )
 from .data import IGNORE_INDEX
-from .stages import base_model, cpu_bf16_autocast
+from .device import cpu_bf16_autocast
+from .surgery import base_model
 
 
 class LlavaTrainer(Trainer):
@@ -129,8 +130,9 @@ class LlavaTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # Trainer writes checkpoint-N in place, so a kill mid-save would leave half a folder that looks like
-        # the newest checkpoint. Let it write into <output_dir>/.staging-checkpoint-N/checkpoint-N instead,
-        # then rename the finished folder into place: a checkpoint either is complete or does not exist.
+        # the newest checkpoint. Let it write into <checkpoint_dir>/.staging-checkpoint-N/checkpoint-N
+        # instead (args.output_dir is the checkpoint_dir), then rename the finished folder into place: a
+        # checkpoint either is complete or does not exist.
         final = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging_root = final.with_name(STAGING_PREFIX + final.name)
         self._staging = staging_root
@@ -243,7 +245,7 @@ def training_arguments(t: cfg.TrainConfig, checkpoint_dir: str | os.PathLike, *,
     """The profile's TrainConfig as TrainingArguments: the tutorial's schedule, T4-safe precision."""
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
-        output_dir=str(checkpoint_dir),
+        output_dir=str(checkpoint_dir),  # Trainer's output_dir only ever holds checkpoints: checkpoint_dir
         max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,

@@ -9,7 +9,7 @@ import os
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from llava_nb import cards, checkpoints, config, evaluate, fsutil, pope, twins
+from llava_nb import cards, checkpoints, config, evaluate, fsutil, pope, runs, twins
 
 
 def _summary(profile) -> dict:
@@ -48,7 +48,7 @@ def test_every_export_has_a_card_that_the_hub_library_reads(export, profile):
     t = profile.stage1
     assert f"| {profile.name} | 1 | {t.max_steps} | {t.per_device_train_batch_size} per" in text
     assert str(t.learning_rate) in text and "LlavaForConditionalGeneration.from_pretrained" in text
-    assert checkpoints.checkpoint_problem(export) is None and fsutil.is_complete(export)
+    assert runs.checkpoint_problem(export) is None and fsutil.is_complete(export)
 
 
 def test_the_card_holds_the_scores_evaluate_printed(export, profile, capsys):
@@ -72,7 +72,7 @@ def test_the_card_holds_the_scores_evaluate_printed(export, profile, capsys):
     by = {r.metric_config for r in card.data.eval_results}
     assert by == {cards.MEASURED_BY["evaluate"]}
     assert f"| POPE | test | accuracy | {printed['accuracy']} |" in card.text
-    assert checkpoints.checkpoint_problem(export) is None and export.stat().st_mtime_ns == mtime
+    assert runs.checkpoint_problem(export) is None and export.stat().st_mtime_ns == mtime
     assert not [p for p in export.iterdir() if p.name.startswith(".")]  # no temporary file left behind
     assert pope.REPO == "lmms-lab/POPE" and (pope_source == pope.REPO) == through_hub
 

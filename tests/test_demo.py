@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llava_nb import checkpoints, config, demo, infer, surgery, synthetic
+from llava_nb import checkpoints, config, demo, infer, runs, surgery, synthetic
 
 CHROMIUM_ENV = "LLAVA_NB_CHROMIUM"  # a Chromium or Chrome executable to use instead of looking for one
 # A trained export to run the page on instead of the untrained one; then the README's picture is taken too:
@@ -49,7 +49,7 @@ def export_dir(backbones, tmp_path_factory):
     but they stream like real ones."""
     if os.environ.get(DEMO_EXPORT_ENV):
         trained = Path(os.environ[DEMO_EXPORT_ENV])
-        problem = checkpoints.checkpoint_problem(trained)
+        problem = runs.checkpoint_problem(trained)
         if problem:
             pytest.fail(f"{DEMO_EXPORT_ENV}: {problem}")
         return trained

@@ -182,7 +182,7 @@ def test_missing_checkpoint_names_the_notebook_and_the_command(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         infer.load(folder)
     assert "notebooks/05_training.ipynb" in str(e.value)
-    assert f"python -m llava_nb.train --profile offline --stage 1 --output-dir {folder}" in str(e.value)
+    assert f"python -m llava_nb.train --profile offline --stage 1 --export-dir {folder}" in str(e.value)
     (folder / "checkpoint-4").mkdir(parents=True)
     assert "is not an exported model (missing config.json" in infer.checkpoint_problem(folder / "checkpoint-4")
 

@@ -61,7 +61,7 @@ def launch(processes: int, spec: dict, log: Path) -> None:
 def spec(processes: int, root: Path, runs: list[dict]) -> dict:
     batch = GLOBAL_BATCH // processes
     return {"profile": {**TINY, "stage1": {**TINY["stage1"], "per_device_train_batch_size": batch}},
-            "runs": [{**run, "output_dir": str(root / run["output_dir"])} for run in runs],
+            "runs": [{**run, "export_dir": str(root / run["export_dir"])} for run in runs],
             "results": str(root / "results")}
 
 
@@ -70,11 +70,11 @@ def runs(tmp_path_factory) -> dict[int, Path]:
     """Folders of a 1-process and a 2-process run. The two processes run stage 1 up to step 2, resume it
     to step 3 and export, then run stage 2 from that export; the single process runs stage 1 uninterrupted."""
     roots = {n: tmp_path_factory.mktemp(f"processes{n}") for n in (1, 2)}
-    launch(1, spec(1, roots[1], [{"stage": 1, "output_dir": "stage1", "export": False}]),
+    launch(1, spec(1, roots[1], [{"stage": 1, "export_dir": "stage1", "export": False}]),
            roots[1] / "log.txt")
-    launch(2, spec(2, roots[2], [{"stage": 1, "output_dir": "stage1", "stop_at": 2},
-                                 {"stage": 1, "output_dir": "stage1", "resume": True},
-                                 {"stage": 2, "output_dir": "stage2"}]), roots[2] / "log.txt")
+    launch(2, spec(2, roots[2], [{"stage": 1, "export_dir": "stage1", "stop_at": 2},
+                                 {"stage": 1, "export_dir": "stage1", "resume": True},
+                                 {"stage": 2, "export_dir": "stage2"}]), roots[2] / "log.txt")
     return roots
 
 
@@ -134,7 +134,7 @@ if __name__ == "__main__":  # one training process: train.train for each run of 
     done = []
     for run in spec["runs"]:
         stop = [trainer.StopAtStep(run["stop_at"])] if run.get("stop_at") else []
-        result = train.train(profile, run["stage"], output_dir=run["output_dir"],
+        result = train.train(profile, run["stage"], export_dir=run["export_dir"],
                              resume=run.get("resume", False), callbacks=stop,
                              export_model=run.get("export", True))
         done.append({"global_step": result.global_step, "log_history": result.log_history,

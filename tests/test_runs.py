@@ -1,15 +1,14 @@
-"""One run folder per profile whatever the working directory; Drive on Colab; a temporary one under tests;
-finding and describing the export a notebook uses."""
+"""One run folder per profile whatever the working directory; Drive on Colab; the override (which the
+test session sets); the layout inside it; finding and describing the export a notebook uses."""
 
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-from llava_nb import checkpoints, config, runs
+from llava_nb import config, runs
 from llava_nb.fsutil import write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,8 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def user(monkeypatch):
-    """As a user runs it: no test switch, no override, no Drive."""
-    monkeypatch.setattr(config, "in_test", lambda: False)
+    """As a user runs it: no override, no Drive."""
     monkeypatch.delenv(runs.OUTPUTS_ENV, raising=False)
     monkeypatch.setattr(runs, "DRIVE", Path("/nonexistent-drive"))
 
@@ -41,15 +39,20 @@ def test_drive_then_the_override_take_precedence(user, tmp_path, monkeypatch):
     assert runs.run_dir(profile) == tmp_path / "elsewhere" / "offline"
 
 
-def test_under_test_runs_go_to_a_temporary_folder_that_is_removed_afterwards():
-    code = ("import os; from llava_nb import config, runs; os.environ.pop(runs.OUTPUTS_ENV, None); "
-            "d = runs.run_dir(config.get_profile('offline')); d.mkdir(parents=True); print(d)")
-    env = {k: v for k, v in os.environ.items() if k != runs.OUTPUTS_ENV} | {config.TEST_ENV: "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    folder = Path(done.stdout.strip())
-    assert not folder.is_relative_to(ROOT) and folder.name == "offline"
-    assert not folder.parent.exists(), "the test run folder outlived its process"
+def test_the_test_session_keeps_runs_out_of_the_checkout():
+    # conftest.py sets the override; runs.py itself has no test branch
+    assert os.environ.get(runs.OUTPUTS_ENV)
+    assert not runs.run_dir(config.get_profile("offline")).is_relative_to(ROOT / "outputs")
+
+
+def test_the_layout_of_a_run_folder(user, tmp_path, monkeypatch):
+    monkeypatch.setenv(runs.OUTPUTS_ENV, str(tmp_path))
+    profile = config.get_profile("offline")
+    stage2 = runs.stage_dir(profile, 2)
+    assert stage2 == tmp_path / "offline" / "stage2"
+    assert runs.default_checkpoint_dir(stage2) == tmp_path / "offline" / "stage2-checkpoints"
+    assert runs.default_init_from(stage2) == runs.stage_dir(profile, 1)
+    assert runs.EXPORT_NAMES == ("stage2", "stage1", runs.SHORT)
 
 
 def test_outside_colab_drive_is_left_alone(user):
@@ -98,7 +101,7 @@ def test_a_mounted_drive_holds_the_hub_cache(user, tmp_path, monkeypatch):
 def fake_export(folder: Path, stage: int, steps: int) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    (folder / checkpoints.SUMMARY_FILE).write_text(
+    (folder / runs.SUMMARY_FILE).write_text(
         f'{{"profile": "offline", "stage": {stage}, "train": {{"max_steps": {steps}}}, "metrics": {{}}}}')
     write_manifest(folder)
     return folder
@@ -110,7 +113,7 @@ def test_find_export_takes_the_newest_and_says_how_it_was_trained(user, tmp_path
     profile = config.get_profile("offline")
     assert runs.find_export(profile) is None
     assert "no export in" in capsys.readouterr().out
-    monkeypatch.setattr(checkpoints, "checkpoint_problem", lambda folder, name="offline": (
+    monkeypatch.setattr(runs, "checkpoint_problem", lambda folder, name="offline": (
         None if (Path(folder) / "config.json").is_file() else "missing"))
     old = fake_export(tmp_path / "offline" / "stage2", 2, 40)
     new = fake_export(tmp_path / "offline" / "stage1", 1, 300)

@@ -98,19 +98,19 @@ def test_truncated_checkpoint_is_a_value_error_naming_the_file(tmp_path, name):
     path = tmp_path / name
     state = {"a.weight": torch.randn(64, 64), "b.bias": torch.randn(64)}
     save_file(state, path) if name.endswith(".safetensors") else torch.save(state, path)
-    assert torch.equal(sources.load_state_dict(path)["a.weight"], state["a.weight"])
+    assert torch.equal(fsutil.load_state_dict(path)["a.weight"], state["a.weight"])
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
     with pytest.raises(ValueError, match=f"{name}.*damaged or incomplete"):
-        sources.load_state_dict(path)
+        fsutil.load_state_dict(path)
 
 
 def test_missing_or_foreign_checkpoint_errors_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_backbones"):
-        sources.load_state_dict(tmp_path / "model.safetensors")
+        fsutil.load_state_dict(tmp_path / "model.safetensors")
     (tmp_path / "model.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported checkpoint format 'model.pt'"):
-        sources.load_state_dict(tmp_path / "model.pt")
+        fsutil.load_state_dict(tmp_path / "model.pt")
 
 
 def test_folder_listing_and_human_size(offline_backbones):

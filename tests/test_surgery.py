@@ -17,7 +17,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from llava_nb import checkpoints, config, sources, surgery
+from llava_nb import checkpoints, config, fsutil, surgery
 
 PROJECTOR = "model.multi_modal_projector."
 
@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=128, num_hidden_layers=2, num_key_value_heads=1,
                                       tie_word_embeddings=False, **small)).eval()
     lm.save_pretrained(root / "lm")
-    return sources.Backbones(vision_dir=root / "clip", lm_dir=root / "lm"), lm
+    return surgery.Backbones(vision_dir=root / "clip", lm_dir=root / "lm"), lm
 
 
 def _empty(backbones):
@@ -45,7 +45,7 @@ def _empty(backbones):
 
 def _edited(tmp_path, src, edit, name):
     """Save an edited copy of the checkpoint `src` as tmp_path/name."""
-    state = sources.load_state_dict(src)
+    state = fsutil.load_state_dict(src)
     edit(state)
     path = tmp_path / name
     save_file(state, path) if name.endswith(".safetensors") else torch.save(state, path)
@@ -92,7 +92,7 @@ def test_tiny_untied_assembly_equals_its_sources(tiny):
     model = surgery.assemble(backbones, config.ModelConfig())
     assert not model.config.tie_word_embeddings
     assert torch.equal(model.lm_head.weight, lm.lm_head.weight)
-    clip = sources.load_state_dict(backbones.vision_dir / "pytorch_model.bin")
+    clip = fsutil.load_state_dict(backbones.vision_dir / "pytorch_model.bin")
     for key, value in model.model.vision_tower.state_dict().items():
         assert torch.equal(value, clip["vision_model." + key]), key
     ids = torch.randint(0, 128, (2, 9))
@@ -111,7 +111,7 @@ def bf16_lm(tiny, tmp_path_factory):
     lm_config = json.loads((backbones.lm_dir / "config.json").read_text())
     lm_config.pop("dtype", None)
     (folder / "config.json").write_text(json.dumps({**lm_config, "torch_dtype": "bfloat16"}))
-    return sources.Backbones(vision_dir=backbones.vision_dir, lm_dir=folder), state
+    return surgery.Backbones(vision_dir=backbones.vision_dir, lm_dir=folder), state
 
 
 def _dtypes(model) -> dict[str, set]:

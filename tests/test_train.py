@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoProcessor, LlamaModel, LlavaForConditionalGeneration
 
-from llava_nb import checkpoints, config, memory, plots, streams, surgery, synthetic, train, trainer
+from llava_nb import checkpoints, config, memory, plots, runs, streams, surgery, synthetic, train, trainer
 from llava_nb.fsutil import write_manifest
 
 PROJECTOR = "model.multi_modal_projector."
@@ -40,7 +40,7 @@ def tiny(profile):
 def stage1(tiny, tmp_path_factory):
     """An uninterrupted 3-step stage-1 run, exported."""
     root = tmp_path_factory.mktemp("run")
-    return train.train(tiny, 1, output_dir=root / "stage1")
+    return train.train(tiny, 1, export_dir=root / "stage1")
 
 
 def trained(run: train.TrainResult, step: int) -> dict[str, torch.Tensor]:
@@ -80,9 +80,9 @@ def test_only_the_projector_trains_in_stage1(stage1):
 
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(stage1, tiny, tmp_path):
     out = tmp_path / "stage1"
-    cut = train.train(tiny, 1, output_dir=out, callbacks=[trainer.StopAtStep(1)], export_model=False)
+    cut = train.train(tiny, 1, export_dir=out, callbacks=[trainer.StopAtStep(1)], export_model=False)
     assert cut.global_step == 1 and cut.export_dir is None
-    resumed = train.train(tiny, 1, output_dir=out, resume=True, export_model=False)
+    resumed = train.train(tiny, 1, export_dir=out, resume=True, export_model=False)
     assert resumed.resumed_from.name == "checkpoint-1" and resumed.global_step == 3
     assert checkpoints.read_position(resumed.checkpoint_dir / "checkpoint-3") == 6  # 3 steps x 1 sample x 2
     assert_same_tensors(trained(resumed, 3), trained(stage1, 3))
@@ -103,14 +103,14 @@ def killed_mid_save(self, output_dir):  # weights and optimizer of step 2 writte
     return real(self, output_dir)
 trainer.LlavaTrainer._save_rng_state = killed_mid_save
 profile = config.get_profile({tiny.name!r}, **json.loads({json.dumps(TINY)!r}))
-train.train(profile, 1, output_dir={str(out)!r}, export_model=False)
+train.train(profile, 1, export_dir={str(out)!r}, export_model=False)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
-    folder = checkpoints.default_checkpoint_dir(out)
+    folder = runs.default_checkpoint_dir(out)
     assert (folder / ".staging-checkpoint-2" / "checkpoint-2" / checkpoints.TRAINABLE_FILE).is_file()  # half saved
     assert [c.name for c in checkpoints.checkpoints(folder)] == ["checkpoint-1"]
-    resumed = train.train(tiny, 1, output_dir=out, resume=True, export_model=False,
+    resumed = train.train(tiny, 1, export_dir=out, resume=True, export_model=False,
                           callbacks=[trainer.StopAtStep(2)])
     assert resumed.resumed_from.name == "checkpoint-1" and resumed.global_step == 2
     assert not list(folder.glob(".staging-*"))
@@ -151,7 +151,7 @@ def test_stage1_export_keeps_the_language_model_exact(stage1, source_lm):
     model = LlavaForConditionalGeneration.from_pretrained(stage1.export_dir).eval()
     processor = AutoProcessor.from_pretrained(stage1.export_dir)
     ids = processor.tokenizer("USER: What colour is the circle? ASSISTANT: Red.", return_tensors="pt").input_ids
-    assert checkpoints.read_summary(stage1.export_dir)["stage"] == 1
+    assert runs.read_summary(stage1.export_dir)["stage"] == 1
     assert stage1.metrics["steps"] == 3
     assert model.config.text_config.use_cache
     assert surgery.text_logits_max_diff(model, source_lm, ids) < 1e-4
@@ -172,7 +172,7 @@ def test_the_stage1_export_says_the_dtype_its_weights_are_stored_in(stage1):
 
 
 def test_stage2_changes_only_the_projector_and_lora_targets(stage1, tiny, tmp_path):
-    run = train.train(tiny, 2, output_dir=tmp_path / "stage2", init_from=stage1.export_dir)
+    run = train.train(tiny, 2, export_dir=tmp_path / "stage2", init_from=stage1.export_dir)
     p = run.parameters
     assert p["vision_tower"]["trainable"] == 0 and p["lm_head"]["trainable"] == 0
     assert p["projector"]["trainable"] == p["projector"]["total"]
@@ -198,7 +198,22 @@ def test_stage2_changes_only_the_projector_and_lora_targets(stage1, tiny, tmp_pa
 
 def test_stage2_without_a_stage1_export_says_what_to_do(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="run stage 1 first"):
-        train.train(tiny, 2, output_dir=tmp_path / "stage2")
+        train.train(tiny, 2, export_dir=tmp_path / "stage2")
+
+
+def test_find_or_train_checks_a_given_export_finds_one_or_trains_a_short_stage1(stage1, tiny, tmp_path,
+                                                                                 monkeypatch, capsys):
+    monkeypatch.setenv(runs.OUTPUTS_ENV, str(tmp_path))
+    assert train.find_or_train(tiny, stage1.export_dir) == stage1.export_dir  # given: used as it is
+    with pytest.raises(FileNotFoundError, match="no exported model"):
+        train.find_or_train(tiny, tmp_path / "nowhere")
+    capsys.readouterr()
+    short = train.find_or_train(tiny, short_steps=2)  # an empty run folder: min(2, 3) steps trained here
+    assert short == runs.run_dir(tiny) / runs.SHORT and runs.checkpoint_problem(short) is None
+    assert runs.read_summary(short)["train"]["max_steps"] == 2
+    assert "training 2 stage-1 steps" in capsys.readouterr().out
+    assert train.find_or_train(tiny, short_steps=2) == short  # found now: nothing trained
+    assert "training" not in capsys.readouterr().out
 
 
 def test_training_arguments_follow_the_tutorial():
@@ -268,7 +283,7 @@ def test_command_line_help():
     done = subprocess.run([sys.executable, "-m", "llava_nb.train", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    for flag in ("--profile", "--stage", "--output-dir", "--max-steps", "--save-steps", "--dataset",
+    for flag in ("--profile", "--stage", "--export-dir", "--max-steps", "--save-steps", "--dataset",
                  "--resume", "--seed", "--init-from"):
         assert flag in done.stdout
 

@@ -108,7 +108,7 @@ def test_without_the_hub_the_t4_command_names_the_repo_and_offers_offline(tmp_pa
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path), LLAVA_NB_PROFILE="t4")
     done = subprocess.run([sys.executable, "-m", "llava_nb.train", "--profile", "t4", "--max-steps", "1",
-                           "--output-dir", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                           "--export-dir", str(tmp_path / "out")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
