@@ -195,8 +195,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="an exported folder (notebooks/05_training.ipynb or `python -m llava_nb.train`)")
     parser.add_argument("--port", type=int, default=None, help="default: the first free port from 7860")
     parser.add_argument("--profile", choices=sorted(cfg.PROFILES), default=None,
-                        help=f"for the example question and hints; default: ${cfg.PROFILE_ENV}, else "
-                             "'offline' under tests, else 't4'")
+                        help=f"for the example question and hints; default: ${cfg.PROFILE_ENV}, else 't4'")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--max-new-tokens", type=int, default=infer.MAX_NEW_TOKENS,
                         help=f"the slider's starting value (default: {infer.MAX_NEW_TOKENS})")

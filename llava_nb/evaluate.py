@@ -335,7 +335,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="an exported folder (notebooks/05_training.ipynb or `python -m llava_nb.train`), "
                              f"or '{UNTRAINED}' for the model straight after surgery (projector at init)")
     parser.add_argument("--profile", choices=sorted(cfg.PROFILES), default=None,
-                        help=f"default: ${cfg.PROFILE_ENV}, else 'offline' under tests, else 't4'")
+                        help=f"default: ${cfg.PROFILE_ENV}, else 't4'")
+    parser.add_argument("--budget", default=None, choices=sorted(cfg.BUDGETS),
+                        help=f"'smoke': a few samples (default: ${cfg.BUDGET_ENV}, else 'full')")
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="test",
                         help="'test': the eval loss and short answers of the profile's test split (default); "
                              f"'pope': POPE's yes/no questions ({pope.REPO}, a seeded subset balanced "
@@ -359,9 +361,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the evaluation from the command line; returns the metrics it printed."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    profile = cfg.get_profile(args.profile) if args.profile else cfg.pick_profile("t4")
+    profile = cfg.get_profile(args.profile or cfg.pick_profile_name("t4"), cfg.pick_budget_name(args.budget))
     if args.dataset and args.benchmark == "test":
-        profile = cfg.get_profile(profile.name, data=dict(dataset=args.dataset))
+        profile = cfg.get_profile(profile.name, profile.budget, data=dict(dataset=args.dataset))
 
     def say(line: str) -> None:  # progress goes to stderr: stdout ends with the JSON line
         print(line, file=sys.stderr, flush=True)

@@ -188,7 +188,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "--num_processes N -m llava_nb.train ...",
     )
     p.add_argument("--profile", default=None, choices=sorted(cfg.PROFILES),
-                   help=f"settings to use (default: ${cfg.PROFILE_ENV}, or 'offline' under tests, else 't4')")
+                   help=f"settings to use (default: ${cfg.PROFILE_ENV}, else 't4')")
+    p.add_argument("--budget", default=None, choices=sorted(cfg.BUDGETS),
+                   help=f"'smoke' caps every stage at a few steps, to check a run works end to end "
+                        f"(default: ${cfg.BUDGET_ENV}, else 'full')")
     p.add_argument("--stage", type=int, default=1, choices=(1, 2),
                    help="1: feature alignment (projector); 2: instructions (projector + LoRA)")
     p.add_argument("--export-dir", default=None,
@@ -216,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     name = args.profile or cfg.pick_profile_name("t4")
     overrides = {k: v for k, v in dict(max_steps=args.max_steps, save_steps=args.save_steps).items()
                  if v is not None}
-    profile = cfg.get_profile(name, **{f"stage{args.stage}": overrides})
+    profile = cfg.get_profile(name, cfg.pick_budget_name(args.budget), **{f"stage{args.stage}": overrides})
     try:
         result = train(profile, args.stage, export_dir=args.export_dir, checkpoint_dir=args.checkpoint_dir,
                        init_from=args.init_from, resume=args.resume, seed=args.seed, dataset=args.dataset)
