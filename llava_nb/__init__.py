@@ -3,9 +3,7 @@
 One concern per module; each imports only modules on floors below its own (no cycles), notebooks import
 only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks the arrows.
 
-    floor 9  bench        the benchmark's driver: jobs in subprocesses, ratios, the table (python -m)
-    floor 8  bench_jobs   one measurement: train a configuration, or time generation
-             train        train() and `python -m llava_nb.train`
+    floor 8  train        train() and `python -m llava_nb.train`
     floor 7  trainer      the Trainer subclass (its private overrides, tested), callbacks, training args
              evaluate     held-out loss and accuracy, POPE, `python -m llava_nb.evaluate`; updates the card
              demo         the Gradio chat, `python -m llava_nb.demo`
@@ -17,7 +15,6 @@ only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks
     floor 5  checkpoints  trainable-state save/load, resume point, atomic commit, export, export checks
              streams      streams of samples (hub id or files), the training stream, held-out lists
              surgery      assembling LlavaForConditionalGeneration by explicit key maps
-             twins        the t4 profile's hub repos in miniature, for tests
     floor 4  sources      backbones and datasets on disk: hub downloads or the offline ones written here
     floor 3  clip_pretrain  the offline CLIP twin pretrained here on drawn scenes, its zero-shot accuracy
     floor 2  data         sample checks and the assistant-only collator
@@ -28,8 +25,6 @@ only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks
              device       precision choices and memory readers
              processing   special tokens, the chat template, the processor
              fsutil       atomic folders with a manifest
-             pope_twin    lmms-lab/POPE in miniature, for tests (written by twins)
-             hub_server   a local stand-in for the hub's HTTP API (tests)
              plots        loss curves and answer grids
              colab        the notebooks' first cell and the README's badges, from one repository name
 
