@@ -45,7 +45,8 @@ from .pope_twin import POPE_REPO, pope_features, write_pope  # noqa: F401 (pope_
 from .published import DATA_REPO, LM_REPO, TINYLLAMA_CHAT_TEMPLATE, VISION_REPO  # noqa: F401 (tests)
 
 # Bump when a twin's content changes: the cache folder is rebuilt. 5: JSON files with sorted keys, as
-# transformers writes them (only CLIP's config.json changed order).
+# transformers writes them (only CLIP's config.json changed order), the web images in a fixed order, and a
+# tokenizer.model that names no temporary path: the same bytes on every run.
 TWIN_VERSION = 5
 # The twin's sizes, where it departs from the published files (published.SCALED lists the keys).
 TINYLLAMA_SIZES = {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4,
@@ -105,14 +106,16 @@ def write_tinyllama(folder: Path, corpus: list[str], *, seed: int = 0) -> None:
     folder.mkdir(parents=True)
     lines = corpus + [SYSTEM_PROMPT, "USER: ASSISTANT: <|user|> <|assistant|> <|system|>", *QUESTIONS]
     # Llama's SentencePiece settings: BPE, byte fallback, digits split, a dummy prefix, no normalisation.
+    # Written through model_writer, the model names no (temporary) path: the same bytes on every machine.
+    model_file = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), model_type="bpe",
+        sentence_iterator=iter(lines), model_writer=model_file, model_type="bpe",
         vocab_size=1000, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, num_threads=1,
         train_extremely_large_corpus=False, minloglevel=2,
     )
-    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer.model").write_bytes(model_file.getvalue())
     # tokenizer_config.json as published: no add_bos_token / add_eos_token keys (the class's defaults apply)
     _write_json(folder / "tokenizer_config.json", pub.TINYLLAMA_TOKENIZER_CONFIG)
     # tokenizer.json: today's conversion of tokenizer.model, rewritten in the layout the hub's file has
