@@ -105,7 +105,7 @@ def proxied(monkeypatch):
         yield root
 
 
-def test_web_images_come_through_a_proxy_as_a_users_would(proxied):
+def test_web_images_come_through_a_proxy_as_a_users_would(proxied, monkeypatch):
     """The real fetch (urllib, its proxy tunnel and certificate check) of the tutorial's URL, unchanged:
     the t4 session's proxy answers with the Mona Lisa's stand-in; an unknown host is refused, not fetched."""
     image = infer.load_image(config.MONA_LISA_URL)
@@ -115,6 +115,9 @@ def test_web_images_come_through_a_proxy_as_a_users_would(proxied):
         infer.load_image("https://example.org/x.jpg", timeout=5)
     with pytest.raises(ConnectionError, match="404"):
         infer.load_image("https://llava-vl.github.io/static/images/nothing.jpg", timeout=5)
+    monkeypatch.delenv("SSL_CERT_FILE")  # the certificate is really checked: without the session's CA, no image
+    with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+        infer.load_image(config.MONA_LISA_URL, timeout=5)
 
 
 # -------------------------------------------------------------------------------------- generation
