@@ -115,7 +115,7 @@ def test_web_images_come_through_a_proxy_as_a_users_would(proxied, monkeypatch):
         infer.load_image("https://example.org/x.jpg", timeout=5)
     with pytest.raises(ConnectionError, match="404"):
         infer.load_image("https://llava-vl.github.io/static/images/nothing.jpg", timeout=5)
-    monkeypatch.delenv("SSL_CERT_FILE")  # the certificate is really checked: without the session's CA, no image
+    monkeypatch.delenv("SSL_CERT_FILE")  # the certificate is really checked: without the CA, no image
     with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
         infer.load_image(config.MONA_LISA_URL, timeout=5)
 
