@@ -3,14 +3,11 @@
 One concern per module; each imports only modules on floors below its own (no cycles), notebooks import
 only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks the arrows.
 
-    floor 6  bench        (leaving the package) the benchmark's driver: jobs in subprocesses, the table
     floor 5  train        train(), find_or_train() (notebooks 06/07) and `python -m llava_nb.train`
-             bench_jobs   (leaving the package) one measurement: train a configuration, or time generation
     floor 4  trainer      the Trainer subclass (its private overrides, tested), callbacks, training args
              stages       what trains in stage 1 and 2 (from the backbones on disk), LoRA, frozen precision
              evaluate     held-out loss and accuracy, POPE, `python -m llava_nb.evaluate`; updates the card
              demo         the Gradio chat, `python -m llava_nb.demo`
-             twins        (leaving the package) the t4 profile's hub repos in miniature, for tests
     floor 3  sources      backbones and datasets on disk: hub downloads or the offline ones written here
              checkpoints  what training writes: trainable-state save/load, resume point, atomic commit, export
              pope         POPE's questions (a seeded, balanced subset), yes/no parsing, metrics, references
@@ -25,16 +22,15 @@ only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks
              synthetic    the offline profile's drawn scenes
              device       precision choices (CPU bf16 autocast included) and memory readers
              env          the environment report of notebook 01
-    floor 0  config       every profile number, test budgets, is_offline
+    floor 0  config       every profile number, the budgets that cap them, is_offline
              processing   special tokens, the chat template, the processor
              fsutil       atomic folders with a manifest, the checkpoint-file reader, HubUnreachable
              plots        loss curves and answer grids
              colab        the notebooks' first cell and the README's badges, from one repository name
-             pope_twin    (leaving the package) lmms-lab/POPE in miniature, for tests (written by twins)
-             hub_server   (leaving the package) a local stand-in for the hub's HTTP API (tests)
 
-Six floors (0-5) once the modules marked as leaving are gone. Training writes the run folder's layout
-and inference reads it, both from `runs`, so `infer` imports nothing of training.
+Six floors (0-5). Training writes the run folder's layout and inference reads it, both from `runs`, so
+`infer` imports nothing of training. Only what a notebook or command runs lives here: the hub twins, the
+local hub server and web proxy the tests serve are in tests/hub/, the speed benchmark in benchmarks/.
 
 Data flows one way: profile -> sources on disk -> assembled model + processor -> stream -> batches ->
 trainer -> exported folder -> inference, evaluation and the demo.

@@ -7,7 +7,6 @@ module globals, so two `Chat` objects (two browser tabs of a demo) never share a
 from __future__ import annotations
 
 import io
-import os
 import re
 import threading
 import urllib.error
@@ -83,8 +82,6 @@ def load_image(image: ImageInput, timeout: float = URL_TIMEOUT_S) -> Image.Image
 
 
 def _fetch(url: str, timeout: float) -> Image.Image:
-    if mirror := os.environ.get(cfg.WEB_MIRROR_ENV):
-        url = f"{mirror.rstrip('/')}/web/{url.split('://', 1)[1]}"
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

@@ -15,7 +15,7 @@ import torch
 
 from . import clip_pretrain, synthetic
 from . import config as cfg
-from .clip_pretrain import CLIP_MEAN, CLIP_STD, save_clip  # noqa: F401  (CLIP_* re-exported)
+from .clip_pretrain import CLIP_MEAN, CLIP_STD  # noqa: F401  (re-exported)
 from .fsutil import HubUnreachable, atomic_dir, hub_unreachable, is_complete  # noqa: F401  (re-exported)
 from .surgery import Backbones  # what prepare_backbones returns: the folders surgery joins
 
@@ -97,33 +97,6 @@ def _hub_snapshot(repo_id: str, files: list[str], part: str, say: Callable[[str]
         raise hub_unreachable(repo_id, "model repository", e) from e
     say(f"{part}: {folder}")
     return folder
-
-
-def write_random_clip(folder: Path, *, vision_layers: int = 12, text_layers: int = 2, seed: int = 0,
-                      position_std: float = 1.0, vision: dict | None = None, text: dict | None = None) -> None:
-    """A full CLIPModel checkpoint (text and vision keys, as openai's file) with seeded random weights.
-
-    The t4 test twin (`llava_nb.twins`) is written by this; the offline profile's tower is pretrained
-    instead (`llava_nb.clip_pretrain`). The vision half has ViT-B/32's shape (768 wide, 32-pixel patches at
-    224 px: 49 patch tokens); the text half is never used by LLaVA, so it is kept shallow to save disk and
-    time. `vision` and `text` override config fields of either half (the t4 twin narrows both).
-    Position embeddings are drawn with `position_std` (transformers' init: 0.02). At 0.02 they are
-    about 1 % of a patch embedding, so after the first LayerNorm a white patch on the left all but
-    equals one on the right ("left or right?" stayed at chance, 55 %, on the earlier drawings); at 1.0
-    they are the same order as the patch embeddings, as in a trained CLIP (side: 92-98 % after 300 steps
-    on scenes of identical copies).
-    """
-    from transformers import CLIPConfig, CLIPModel
-
-    vision = {**cfg.T4_VISION_CONFIG, "num_hidden_layers": vision_layers, **(vision or {})}
-    config = CLIPConfig(text_config={"num_hidden_layers": text_layers, **(text or {})}, vision_config=vision,
-                        projection_dim=vision["projection_dim"])
-    torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
-    with torch.no_grad():
-        position = model.vision_model.embeddings.position_embedding.weight
-        position.normal_(0.0, position_std, generator=torch.Generator().manual_seed(seed))
-    save_clip(model, folder)
 
 
 def smollm2_gguf_path() -> Path:

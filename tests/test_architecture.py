@@ -41,3 +41,16 @@ def test_every_module_is_on_the_map_and_imports_only_lower_floors():
 def test_no_module_is_over_400_lines():
     long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_the_package_imports_no_test_or_benchmark_tooling():
+    """Twins, the local hub, the web proxy (tests/hub) and the benchmark (benchmarks/) stay outside."""
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                tops = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = {node.module.split(".")[0]}
+            else:
+                continue
+            assert not tops & {"tests", "benchmarks"}, f"{path.name} imports {sorted(tops)}"

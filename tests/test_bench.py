@@ -1,13 +1,21 @@
-"""The benchmark on a tiny budget: it runs end to end and its JSON summary holds finite, positive numbers."""
+"""The benchmark (benchmarks/bench.py) on a tiny budget: it runs end to end and its JSON summary holds finite,
+positive numbers."""
 
 import itertools
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from llava_nb import bench, bench_jobs, data, sources, streams
+from llava_nb import data, sources, streams
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # as `python benchmarks/bench.py` has it: bench_jobs beside bench
+import bench  # noqa: E402
+import bench_jobs  # noqa: E402
 
 
 def test_tutorial_collator_labels_every_non_pad_token(built, profile):
@@ -66,7 +74,7 @@ def test_bench_tiny_budget(backbones, capsys):
 def test_a_job_travels_to_its_subprocess_as_json(backbones):
     job = bench.Settings(max_new_tokens=2, gen_batch_size=2).job("generate")
     assert bench_jobs.Job.from_json(job.to_json()) == job
-    result = bench._in_subprocess(job)  # python -m llava_nb.bench --job, the JSON on its stdin
+    result = bench._in_subprocess(job)  # python benchmarks/bench.py --job, the JSON on its stdin
     assert result["batch2"]["new_tokens"] == 4 and result["max_new_tokens"] == 2
     with pytest.raises(RuntimeError, match="unknown_config"):
         bench._in_subprocess(bench_jobs.Job(config="unknown_config"))

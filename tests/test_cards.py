@@ -9,7 +9,8 @@ import os
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from llava_nb import cards, checkpoints, config, evaluate, fsutil, pope, runs, twins
+from llava_nb import cards, checkpoints, config, evaluate, fsutil, pope, runs
+from tests.hub import twins
 
 
 def _summary(profile) -> dict:

@@ -8,6 +8,7 @@ Playwright, ...): they look absent, exactly as in the quickstart's venv, so this
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,8 @@ class WithoutDevTools(importlib.machinery.PathFinder):
         return super().find_spec(name, path, target)
 sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = WithoutDevTools
 """
-COMMANDS = ("train", "evaluate", "demo", "bench")
+COMMANDS = ("train", "evaluate", "demo")
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -50,6 +52,15 @@ def test_each_command_runs_without_dev_tools_and_warns_of_nothing(command):
     assert done.returncode == 0, f"python -m llava_nb.{command} --help without dev tools:\n{done.stderr[-3000:]}"
     assert "usage:" in done.stdout
     assert done.stderr == "", f"python -m llava_nb.{command} --help printed to stderr:\n{done.stderr[-3000:]}"
+
+
+def test_the_benchmark_script_runs_without_dev_tools():
+    """`python benchmarks/bench.py --help`: the benchmark, outside the package, needs no test tool either."""
+    done = _run(f"import runpy, sys; sys.argv = [{str(BENCHMARK)!r}, '--help']\n"
+                f"sys.path.insert(0, {str(BENCHMARK.parent)!r})\n"
+                f"runpy.run_path({str(BENCHMARK)!r}, run_name='__main__')")
+    assert done.returncode == 0, f"benchmarks/bench.py --help without dev tools:\n{done.stderr[-3000:]}"
+    assert "usage: python benchmarks/bench.py" in done.stdout and done.stderr == "", done.stderr[-3000:]
 
 
 def test_every_module_of_the_package_imports_without_dev_tools():

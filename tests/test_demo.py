@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from llava_nb import checkpoints, config, demo, infer, runs, surgery, synthetic
+from tests.hub import web_proxy  # the installer reaches the network without the t4 session's proxy
 
 CHROMIUM_ENV = "LLAVA_NB_CHROMIUM"  # a Chromium or Chrome executable to use instead of looking for one
 # A trained export to run the page on instead of the untrained one; then the README's picture is taken too:
@@ -94,7 +95,7 @@ def install_chromium() -> list[str]:
         print("installing a browser for the demo test:", " ".join(command), flush=True)
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
-                                  env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+                                  env={**web_proxy.without(os.environ), "DEBIAN_FRONTEND": "noninteractive"})
         except (OSError, subprocess.TimeoutExpired) as e:
             log.append(f"{' '.join(command)}: {e}")
             return False

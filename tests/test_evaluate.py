@@ -113,7 +113,6 @@ def test_t4_path_reads_its_images_and_reports_no_accuracy(built, monkeypatch, tm
             return False
 
     urls = []
-    monkeypatch.delenv(config.WEB_MIRROR_ENV, raising=False)  # the t4 session's local mirror is not under test
     monkeypatch.setattr(infer.urllib.request, "urlopen",
                         lambda request, timeout: urls.append(request.full_url) or Response(png.getvalue()))
     offline = config.get_profile("offline")

@@ -1,9 +1,12 @@
 """Inference: images from paths, PIL and (faked) URLs; streaming = plain generation; batch = one by one; chats."""
 
+import contextlib
 import io
+import os
 import subprocess
 import sys
 import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from PIL import Image
 from transformers import StoppingCriteria
 
 from llava_nb import config, infer, synthetic
+from tests.hub import twins, web_proxy
 
 TOKENS = 8  # enough for a few words; each generate call costs about a second on a CPU
 
@@ -61,7 +65,6 @@ class _Response(io.BytesIO):
 
 def test_url_is_fetched_with_a_timeout_and_errors_are_clear(monkeypatch, scenes):
     """No network: urlopen is replaced, so only our handling of its answers is tested."""
-    monkeypatch.delenv(config.WEB_MIRROR_ENV, raising=False)  # the t4 session's local mirror is not under test
     png = io.BytesIO()
     scenes[0].save(png, format="PNG")
     seen = {}
@@ -85,6 +88,36 @@ def test_url_is_fetched_with_a_timeout_and_errors_are_clear(monkeypatch, scenes)
     monkeypatch.setattr(infer.urllib.request, "urlopen", unreachable)
     with pytest.raises(ConnectionError, match="could not download image https://example.org/x.jpg within 20 s"):
         infer.load_image("https://example.org/x.jpg")
+
+
+@pytest.fixture
+def proxied(monkeypatch):
+    """The t4 session's web proxy (conftest); on other legs one started here the same way. Yields the
+    folder it serves. urllib's default opener reads the proxy variables when built: rebuilt either way."""
+    root = twins.write_twins() / "web"
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get("https_proxy"):
+            proxy = stack.enter_context(web_proxy.serve(root))
+            for name, value in proxy.environ().items():
+                monkeypatch.setenv(name, value)
+        urllib.request.install_opener(None)
+        stack.callback(urllib.request.install_opener, None)
+        yield root
+
+
+def test_web_images_come_through_a_proxy_as_a_users_would(proxied, monkeypatch):
+    """The real fetch (urllib, its proxy tunnel and certificate check) of the tutorial's URL, unchanged:
+    the t4 session's proxy answers with the Mona Lisa's stand-in; an unknown host is refused, not fetched."""
+    image = infer.load_image(config.MONA_LISA_URL)
+    with Image.open(proxied / "llava-vl.github.io" / "static" / "images" / "monalisa.jpg") as twin:
+        assert np.array_equal(np.asarray(image), np.asarray(twin.convert("RGB")))
+    with pytest.raises(ConnectionError, match="https://example.org/x.jpg .*502"):
+        infer.load_image("https://example.org/x.jpg", timeout=5)
+    with pytest.raises(ConnectionError, match="404"):
+        infer.load_image("https://llava-vl.github.io/static/images/nothing.jpg", timeout=5)
+    monkeypatch.delenv("SSL_CERT_FILE")  # the certificate is really checked: without the CA, no image
+    with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+        infer.load_image(config.MONA_LISA_URL, timeout=5)
 
 
 # -------------------------------------------------------------------------------------- generation

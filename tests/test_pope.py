@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_nb import config, evaluate, pope, twins
+from llava_nb import config, evaluate, pope
+from tests.hub import twins
 
 
 @pytest.mark.parametrize("reply, parsed", [

@@ -1,16 +1,16 @@
 """Each hub twin holds what the hub serves: every file's keys equal the published file's keys, every value
-equals the published value except the sizes a twin scales down (`published_hub_files.SCALED`), and the
+equals the published value except the sizes a twin scales down (`tests.hub.published.SCALED`), and the
 weights are in the published formats and dtypes (TinyLlama bfloat16 safetensors, CLIP float32
 pytorch_model.bin)."""
 
 import json
 
-import published_hub_files as pub
 import pytest
 import torch
 import yaml
 
-from llava_nb import twins
+from tests.hub import published as pub
+from tests.hub import twins
 
 
 @pytest.fixture(scope="module")

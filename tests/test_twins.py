@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from llava_nb import hub_server, twins
+from tests.hub import hub_server, twins
 
 
 @pytest.fixture(scope="module")

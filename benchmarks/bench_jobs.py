@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from . import config as cfg
-from . import data
-from .device import cpu_has_bf16, peak_rss_mb, reset_peak_rss, status_mb
+from llava_nb import config as cfg
+from llava_nb import data
+from llava_nb.device import cpu_has_bf16, peak_rss_mb, reset_peak_rss, status_mb
 
 BASELINE, PROJECT = "tutorial", "project"
 
@@ -120,7 +120,7 @@ class RecordingCollator:
 
 def train_one(job: Job) -> dict[str, Any]:
     """Train `job.config` in this process; its throughput and memory (and accuracy, with accuracy_limit)."""
-    from . import sources, stages, streams, trainer
+    from llava_nb import sources, stages, streams, trainer
 
     v = VARIANTS[job.config]
     profile = bench_profile(job.profile, batch_size=job.batch_size, max_steps=job.warmup + job.steps)
@@ -173,7 +173,7 @@ def train_one(job: Job) -> dict[str, Any]:
         "last_loss": losses[-1] if losses else None,
     }
     if job.accuracy_limit:
-        from . import evaluate
+        from llava_nb import evaluate
 
         llava = stages.base_model(stages.as_sources_hold_it(runner.model, profile, 1, seed=job.seed))
         llava.config.use_cache = llava.config.text_config.use_cache = True
@@ -192,10 +192,10 @@ def generate_one(job: Job) -> dict[str, Any]:
     at init: speed does not depend on the weights), prompts from the test split's images."""
     import itertools
 
-    from . import infer, sources, streams, surgery
+    from llava_nb import infer, sources, streams, surgery
 
     profile = dataclasses.replace(cfg.get_profile(job.profile), seed=job.seed)
-    model, processor = surgery.build(profile)
+    model, processor = surgery.build(profile, sources.prepare_backbones(profile))
     model = model.to(torch.float32).eval()
     model.config.use_cache = model.config.text_config.use_cache = True
     source = sources.prepare_dataset(profile)

@@ -1,4 +1,9 @@
-"""Speed and memory of this project's stage-1 training against the tutorial's recipe; `python -m llava_nb.bench`.
+"""Speed and memory of this project's stage-1 training against the tutorial's recipe.
+
+    python benchmarks/bench.py [--steps 8 --warmup 1 --accuracy-steps 100]   # --help for all options
+
+A benchmark, not part of the package: it imports `llava_nb` (installed, as for the notebooks) and
+`bench_jobs` beside it.
 
 Same profile (offline by default), model, data and seed for every configuration. The baseline is the
 tutorial as its authors ran it, in mixed precision: fp16 autocast on a GPU, bf16 autocast on a CPU with
@@ -40,13 +45,15 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import config as cfg
-from .bench_jobs import BASELINE, PROJECT, VARIANTS, Job, baseline_precision, execute
-from .device import cpu_has_bf16
+from bench_jobs import BASELINE, PROJECT, VARIANTS, Job, baseline_precision, execute
+
+from llava_nb import config as cfg
+from llava_nb.device import cpu_has_bf16
 
 DEFAULT_CONFIGS = ("tutorial", "tutorial_fp32", "fast_loss", "grouped", "eager", "bf16_frozen",
                    "shared_prefix", "project")
@@ -97,8 +104,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def _in_subprocess(job: Job) -> dict[str, Any]:
-    """`execute(job)` in a fresh `python -m llava_nb.bench --job` process, the job as JSON on its stdin."""
-    cmd = [sys.executable, "-m", "llava_nb.bench", "--job"]
+    """`execute(job)` in a fresh `python benchmarks/bench.py --job` process, the job as JSON on its stdin."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--job"]
     proc = subprocess.run(cmd, input=job.to_json(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} < {job.to_json()} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -114,7 +121,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def run(settings: Settings, progress=None) -> dict[str, Any]:
     """The whole benchmark: each config `repeats` times (order reversed on every other round, so drift in a
     shared machine's load hits all alike), generation, optionally accuracy. Returns the summary dict."""
-    from . import sources
+    from llava_nb import sources
 
     say = progress or (lambda line: None)
     configs = list(dict.fromkeys(settings.configs))
@@ -218,7 +225,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = Settings()
-    p = argparse.ArgumentParser(prog="python -m llava_nb.bench",
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py",
                                 description="Training and generation speed and memory: this project's stage 1 "
                                             "against the tutorial's recipe in mixed precision, same model, data and "
                                             "seed. The last line printed is a JSON summary.")

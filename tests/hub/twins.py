@@ -22,9 +22,11 @@ of their day, not today's), with the sizes scaled down so that a CPU trains them
   features, the three categories in equal parts with as many "yes" as "no" in each, COCO-sized RGB JPEGs
   as the Image feature stores them (see "POPE").
 
-`write_twins()` writes them once under the cache (atomically); `llava_nb.hub_server` serves them under
-their hub ids, so `snapshot_download` and `load_dataset(..., streaming=True)` run as on Colab.
-`tests/published_hub_files.py` holds the published values, and where they were read.
+`write_twins()` writes them once under the cache (atomically); `tests.hub.hub_server` serves them under
+their hub ids, so `snapshot_download` and `load_dataset(..., streaming=True)` run as on Colab, and
+`tests.hub.web_proxy` serves the web images beside them (`web/<host>/<path>`). The published values (keys,
+chat template, small files) are read from `tests.hub.published`, which says where each was read; the
+twin only scales sizes down. JSON files are written as transformers writes them (indent 2, sorted keys).
 """
 
 from __future__ import annotations
@@ -35,23 +37,24 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config as cfg
-from .fsutil import atomic_dir, is_complete
+from llava_nb import config as cfg
+from llava_nb.fsutil import atomic_dir, is_complete
+
+from . import published as pub
 from .pope_twin import POPE_REPO, pope_features, write_pope  # noqa: F401 (pope_features: tests)
+from .published import DATA_REPO, LM_REPO, TINYLLAMA_CHAT_TEMPLATE, VISION_REPO  # noqa: F401 (tests)
 
-TWIN_VERSION = 4  # bump when a twin's content changes: the cache folder is rebuilt
-LM_REPO = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
-VISION_REPO = "openai/clip-vit-base-patch32"
-DATA_REPO = "HuggingFaceH4/llava-instruct-mix-vsft"
-
-# TinyLlama-1.1B-Chat-v1.0's chat template, as its tokenizer_config.json publishes it (Zephyr's format).
-TINYLLAMA_CHAT_TEMPLATE = (
-    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
-    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
-    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
-)
-_SPECIAL = {"0": "<unk>", "1": "<s>", "2": "</s>"}
+# Bump when a twin's content changes: the cache folder is rebuilt. 5: JSON files with sorted keys, as
+# transformers writes them (only CLIP's config.json changed order), the web images in a fixed order, and a
+# tokenizer.model that names no temporary path: the same bytes on every run.
+TWIN_VERSION = 5
+# The twin's sizes, where it departs from the published files (published.SCALED lists the keys).
+TINYLLAMA_SIZES = {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4,
+                   "num_hidden_layers": 2, "num_key_value_heads": 2}
+CLIP_VISION_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "projection_dim": 32}
+CLIP_TEXT_SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "vocab_size": 1000}
 
 WORDS = (
     "a the of and in on with to is are there this that picture image photo shows man woman people dog cat "
@@ -98,39 +101,30 @@ def write_tinyllama(folder: Path, corpus: list[str], *, seed: int = 0) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-    from .processing import SYSTEM_PROMPT
+    from llava_nb.processing import SYSTEM_PROMPT
 
     folder.mkdir(parents=True)
     lines = corpus + [SYSTEM_PROMPT, "USER: ASSISTANT: <|user|> <|assistant|> <|system|>", *QUESTIONS]
     # Llama's SentencePiece settings: BPE, byte fallback, digits split, a dummy prefix, no normalisation.
+    # Written through model_writer, the model names no (temporary) path: the same bytes on every machine.
+    model_file = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), model_type="bpe",
+        sentence_iterator=iter(lines), model_writer=model_file, model_type="bpe",
         vocab_size=1000, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, num_threads=1,
         train_extremely_large_corpus=False, minloglevel=2,
     )
-    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer.model").write_bytes(model_file.getvalue())
     # tokenizer_config.json as published: no add_bos_token / add_eos_token keys (the class's defaults apply)
-    tokenizer_config = {
-        "added_tokens_decoder": {i: {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                     "single_word": False, "special": True} for i, t in _SPECIAL.items()},
-        "bos_token": "<s>", "chat_template": TINYLLAMA_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "eos_token": "</s>", "legacy": False, "model_max_length": 2048, "pad_token": "</s>",
-        "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
-        "unk_token": "<unk>", "use_default_system_prompt": False,
-    }
-    _write_json(folder / "tokenizer_config.json", tokenizer_config)
+    _write_json(folder / "tokenizer_config.json", pub.TINYLLAMA_TOKENIZER_CONFIG)
     # tokenizer.json: today's conversion of tokenizer.model, rewritten in the layout the hub's file has
     tokenizer = LlamaTokenizer.from_pretrained(folder)
     converted = json.loads(tokenizer.backend_tokenizer.to_str())
     (folder / "tokenizer.json").write_text(json.dumps(llama2_tokenizer_json(converted), indent=2,
                                                       ensure_ascii=False) + "\n")
-    token = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    _write_json(folder / "special_tokens_map.json",
-                {"bos_token": {"content": "<s>", **token}, "eos_token": {"content": "</s>", **token},
-                 "pad_token": {"content": "</s>", **token}, "unk_token": {"content": "<unk>", **token}})
-    _write_json(folder / "tokenizer_config.json", tokenizer_config)  # as published, not as re-saved
+    _write_json(folder / "special_tokens_map.json", pub.TINYLLAMA_SPECIAL_TOKENS_MAP)
+    _write_json(folder / "tokenizer_config.json", pub.TINYLLAMA_TOKENIZER_CONFIG)  # as published, not resaved
 
     config = tinyllama_config(vocab_size=len(tokenizer))
     torch.manual_seed(seed)
@@ -140,56 +134,31 @@ def write_tinyllama(folder: Path, corpus: list[str], *, seed: int = 0) -> None:
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     _write_json(folder / "config.json", config)
-    _write_json(folder / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "max_length": 2048,
-                                                    "pad_token_id": 0, "transformers_version": "4.35.0"})
+    _write_json(folder / "generation_config.json", pub.TINYLLAMA_GENERATION_CONFIG)
 
 
 def llama2_tokenizer_json(converted: dict) -> dict:
-    """A tokenizer.json in the layout TinyLlama ships (Llama 2's, from transformers 4.3x's converter): a
-    Prepend + Replace normaliser and no pre-tokeniser, `<s>` added by the post-processor's template,
-    merges as "a b" strings; vocabulary, merges and added tokens from `converted`."""
+    """A tokenizer.json in the layout TinyLlama ships (Llama 2's, from transformers 4.3x's converter:
+    `published.TINYLLAMA_TOKENIZER_JSON`), with the vocabulary, merges (as "a b" strings) and added tokens
+    of `converted`, today's conversion of the twin's own tokenizer.model."""
     model = converted["model"]
-    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": converted["added_tokens"],
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u2581"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
-        "pre_tokenizer": None,
-        "post_processor": {
-            "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
-            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
-                  "vocab": model["vocab"],
-                  "merges": [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]},
-    }
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    published = pub.TINYLLAMA_TOKENIZER_JSON
+    return {**published, "added_tokens": converted["added_tokens"],
+            "model": {**published["model"], "vocab": model["vocab"], "merges": merges}}
 
 
 def tinyllama_config(vocab_size: int) -> dict:
     """TinyLlama's config.json as transformers 4.35 wrote it (`torch_dtype`, `pretraining_tp`, ...), narrowed:
     2 layers of width 64, 4 heads sharing 2 key-value heads, this tokenizer's vocabulary."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
-        "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 176,
-        "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "num_key_value_heads": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
-        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "transformers_version": "4.35.0", "use_cache": True, "vocab_size": vocab_size,
-    }
+    return {**pub.TINYLLAMA_CONFIG, **TINYLLAMA_SIZES, "vocab_size": vocab_size}
 
 
 def write_web_images(folder: Path, rng: np.random.Generator) -> None:
     """Stand-ins for the web images the t4 notebooks and evaluation fetch (Mona Lisa, ...), by URL path."""
     import urllib.parse
 
-    for url in {cfg.MONA_LISA_URL, *(u for u, _, _ in cfg.T4_IMAGES)}:
+    for url in dict.fromkeys([cfg.MONA_LISA_URL, *(u for u, _, _ in cfg.T4_IMAGES)]):  # in order: seeded
         parts = urllib.parse.urlsplit(url)
         path = folder / parts.netloc / parts.path.lstrip("/")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,67 +173,44 @@ def write_clip(folder: Path, *, seed: int = 0) -> None:
     openai's files: float32 `pytorch_model.bin` with transformers 4.16's keys, and its 4.16 `config.json`."""
     import torch
 
-    from .sources import write_random_clip
-
     folder.mkdir(parents=True)
-    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "projection_dim": 32}
-    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "vocab_size": 1000}
-    write_random_clip(folder, vision=vision, seed=seed,
-                      text={**text, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1})
-    state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    text = {**CLIP_TEXT_SIZES, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+    model = random_clip(CLIP_VISION_SIZES, text, seed=seed)
+    state = model.state_dict()
     for tower, positions in (("text_model", 77), ("vision_model", (224 // 32) ** 2 + 1)):  # 4.16 saved them
         state.setdefault(f"{tower}.embeddings.position_ids", torch.arange(positions).unsqueeze(0))
-    torch.save(state, folder / "pytorch_model.bin")
-    _write_json(folder / "config.json", clip_config(vision, text, projection_dim=32))
+    torch.save(state, folder / "pytorch_model.bin")  # openai's format, not safetensors
+    _write_json(folder / "config.json", clip_config(CLIP_VISION_SIZES, CLIP_TEXT_SIZES))
     # openai/clip-vit-base-patch32 publishes the old feature-extractor form of the image settings.
-    _write_json(folder / "preprocessor_config.json", {
-        "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
-    })
+    _write_json(folder / "preprocessor_config.json", pub.CLIP_PREPROCESSOR_CONFIG)
 
 
-# A sub-config as transformers 4.16's PretrainedConfig.to_dict() wrote it, generation defaults included.
-_OLD_SUBCONFIG = {
-    "_name_or_path": "", "add_cross_attention": False, "architectures": None, "bad_words_ids": None,
-    "chunk_size_feed_forward": 0, "cross_attention_hidden_size": None, "decoder_start_token_id": None,
-    "diversity_penalty": 0.0, "do_sample": False, "early_stopping": False, "encoder_no_repeat_ngram_size": 0,
-    "finetuning_task": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "is_decoder": False, "is_encoder_decoder": False,
-    "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "length_penalty": 1.0, "max_length": 20, "min_length": 0,
-    "no_repeat_ngram_size": 0, "num_beam_groups": 1, "num_beams": 1, "num_return_sequences": 1,
-    "output_attentions": False, "output_hidden_states": False, "output_scores": False, "prefix": None,
-    "problem_type": None, "pruned_heads": {}, "remove_invalid_values": False, "repetition_penalty": 1.0,
-    "return_dict": True, "return_dict_in_generate": False, "sep_token_id": None, "task_specific_params": None,
-    "temperature": 1.0, "tie_encoder_decoder": False, "tie_word_embeddings": True, "tokenizer_class": None,
-    "top_k": 50, "top_p": 1.0, "torch_dtype": None, "torchscript": False,
-    "transformers_version": "4.16.0.dev0", "use_bfloat16": False,
-}
+def random_clip(vision: dict, text: dict, *, seed: int = 0, position_std: float = 1.0):
+    """A CLIPModel (both towers) with seeded random weights: ViT-B/32's vision settings
+    (`config.T4_VISION_CONFIG`), overridden by `vision`; a text tower of `text` (2 layers unless it says).
+    Position embeddings are drawn with `position_std`, the order of the patch embeddings as in a trained
+    CLIP (transformers' init, 0.02, would make the patches' places all but indistinguishable)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = {**cfg.T4_VISION_CONFIG, **vision}
+    config = CLIPConfig(text_config={"num_hidden_layers": 2, **text}, vision_config=vision,
+                        projection_dim=vision["projection_dim"])
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    with torch.no_grad():
+        position = model.vision_model.embeddings.position_embedding.weight
+        position.normal_(0.0, position_std, generator=torch.Generator().manual_seed(seed))
+    return model
 
 
-def clip_config(vision: dict, text: dict, *, projection_dim: int) -> dict:
+def clip_config(vision: dict, text: dict) -> dict:
     """openai/clip-vit-base-patch32's config.json (transformers 4.16's layout: full nested sub-configs,
     `*_config_dict` null, no dtype anywhere but `torch_dtype: null`) with the towers' sizes given."""
-    tower = {**_OLD_SUBCONFIG, "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu",
-             "initializer_factor": 1.0, "initializer_range": 0.02, "layer_norm_eps": 1e-05}
-    return {
-        "_name_or_path": "openai/clip-vit-base-patch32", "architectures": ["CLIPModel"],
-        "initializer_factor": 1.0, "logit_scale_init_value": 2.6592, "model_type": "clip",
-        "projection_dim": projection_dim,
-        "text_config": {**tower, "bos_token_id": 0, "eos_token_id": 2, "max_position_embeddings": 77,
-                        "model_type": "clip_text_model", "pad_token_id": 1, "projection_dim": projection_dim,
-                        **{k: text[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                                "num_hidden_layers", "vocab_size")}},
-        "text_config_dict": None,
-        "transformers_version": None,
-        "vision_config": {**tower, "bos_token_id": None, "eos_token_id": None, "image_size": 224,
-                          "model_type": "clip_vision_model", "pad_token_id": None, "patch_size": 32,
-                          **{k: vision[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                                    "num_hidden_layers", "projection_dim")}},
-        "vision_config_dict": None,
-    }
+    published = pub.CLIP_CONFIG
+    return {**published, "projection_dim": vision["projection_dim"],
+            "text_config": {**published["text_config"], **text, "projection_dim": vision["projection_dim"]},
+            "vision_config": {**published["vision_config"], **vision}}
 
 
 # ------------------------------------------------------------------------------- llava-instruct-mix-vsft
@@ -276,7 +222,7 @@ def write_vsft(folder: Path, rng: np.random.Generator, *, n_train: int = 96, n_t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .synthetic import FEATURES
+    from llava_nb.synthetic import FEATURES
 
     (folder / "data").mkdir(parents=True)
     splits, download_size = [], 0
@@ -285,7 +231,8 @@ def write_vsft(folder: Path, rng: np.random.Generator, *, n_train: int = 96, n_t
         per_shard = -(-n // shards)
         num_bytes = 0
         for s in range(shards):
-            table = pa.Table.from_pylist(rows[s * per_shard:(s + 1) * per_shard], schema=FEATURES.arrow_schema)
+            table = pa.Table.from_pylist(rows[s * per_shard:(s + 1) * per_shard],
+                                         schema=FEATURES.arrow_schema)
             path = folder / "data" / f"{split}-{s:05d}-of-{shards:05d}.parquet"
             pq.write_table(table, path)
             num_bytes += table.nbytes
@@ -301,7 +248,7 @@ def write_vsft(folder: Path, rng: np.random.Generator, *, n_train: int = 96, n_t
         f"  download_size: {download_size}\n  dataset_size: {sum(b for _, b, _ in splits)}\n"
         "configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
         "  - split: test\n    path: data/test-*\n---\n"
-        "# Twin of HuggingFaceH4/llava-instruct-mix-vsft (llava_nb.twins)\n")
+        "# Twin of HuggingFaceH4/llava-instruct-mix-vsft (tests.hub.twins)\n")
 
 
 def vsft_row(rng: np.random.Generator, *, damaged: bool = False) -> dict:
@@ -348,4 +295,5 @@ def _sentence(rng: np.random.Generator, low: int, high: int) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    """As transformers' to_json_string / save_pretrained write configs: indent 2, keys sorted."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

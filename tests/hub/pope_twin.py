@@ -72,7 +72,7 @@ def pope_card(per_category: int) -> str:
             + f"    num_examples: {per_category * len(POPE_CATEGORIES)}\n"
             + "configs:\n- config_name: Full\n  data_files:\n" + full_files
             + "- config_name: default\n  data_files:\n  - split: test\n    path: data/test-*\n---\n"
-            + f"# Twin of {POPE_REPO} (llava_nb.twins)\n")
+            + f"# Twin of {POPE_REPO} (tests.hub.twins)\n")
 
 
 def _coco_jpeg(rng: np.random.Generator) -> bytes:

@@ -3,13 +3,13 @@
 It speaks the part of the hub's HTTP API that `huggingface_hub.snapshot_download` / `hf_hub_download`,
 `HfFileSystem` and `datasets.load_dataset(..., streaming=True)` use: repo info, tree listings, paths-info,
 and file downloads (`resolve`, with HEAD, ETag, X-Repo-Commit and byte ranges). Point `HF_ENDPOINT` at it
-and the libraries' real download and streaming code runs, as on Colab. Tests only: nothing is uploaded,
+and the libraries' real download and streaming code runs, as on Colab. For tests: nothing is uploaded,
 there are no branches but `main`, and every repo is public.
 
     root/models/<owner>/<name>/...      served as the model repo <owner>/<name>
     root/datasets/<owner>/<name>/...    served as the dataset repo <owner>/<name>
-    root/web/<host>/<path>              GET /web/<host>/<path>: stand-ins for web images (see
-                                        `config.WEB_MIRROR_ENV`), such as the tutorial's Mona Lisa
+
+The web images beside them (`root/web/<host>/<path>`) are served by `tests.hub.web_proxy`, as https.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class HubRepos:
         return folder if repo_id.count("/") == 1 and folder.is_dir() else None
 
     def files(self, folder: Path) -> list[str]:
-        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in SKIP)
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                      if p.is_file() and p.name not in SKIP)
 
     def file_sha(self, path: Path) -> str:
         """git-style content id of a file (the hub's ETag for small files, sha256 for large ones)."""
@@ -68,7 +69,8 @@ class HubRepos:
         out = {"type": "file", "oid": sha[:40], "size": full.stat().st_size, "path": path,
                "lfs": {"oid": sha, "size": full.stat().st_size, "pointerSize": 134}}
         if expand:
-            out["lastCommit"] = {"id": self.commit(folder), "title": "twin", "date": "2026-01-01T00:00:00.000Z"}
+            out["lastCommit"] = {"id": self.commit(folder), "title": "twin",
+                                 "date": "2026-01-01T00:00:00.000Z"}
         return out
 
 
@@ -102,7 +104,8 @@ def _handler(repos: HubRepos) -> type[BaseHTTPRequestHandler]:
             else:
                 form = urllib.parse.parse_qs(body.decode())
                 paths, expand = form.get("paths", []), form.get("expand", ["false"])[0] == "true"
-            found = [repos.entry(folder, p.strip("/"), expand) for p in paths if (folder / p.strip("/")).exists()]
+            found = [repos.entry(folder, p.strip("/"), expand) for p in paths
+                     if (folder / p.strip("/")).exists()]
             self._json(found)
 
         def _route(self, head: bool) -> None:
@@ -115,8 +118,6 @@ def _handler(repos: HubRepos) -> type[BaseHTTPRequestHandler]:
                 return self._tree(m[1], m[2], m[3], m[4] or "", query)
             if m := re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
                 return self._file(m[1] or "models", m[2], m[3], m[4], head)
-            if m := re.fullmatch(r"/web/([^/]+/.+)", path):
-                return self._send_file(repos.root / "web", m[1], head, commit="")
             self._error(404, "EntryNotFound", f"no such route: {path}")
 
         # -------------------------------------------------------------------------- endpoints

@@ -1,6 +1,6 @@
 """What the hub serves for the t4 profile's three repos: each file's published content, and where it was read.
 
-Data, not code under test: `tests/test_published_files.py` holds the twins (`llava_nb.twins`) to it, key for
+Data, not code under test: `tests/test_published_files.py` holds the twins (`tests.hub.twins`) to it, key for
 key and value for value, except the sizes a twin scales down, which `SCALED` lists by their key paths.
 """
 
