@@ -39,7 +39,7 @@ from . import cards, infer, pope
 from . import config as cfg
 from .data import IGNORE_INDEX, LlavaCollator, count_images
 from .device import default_device, default_dtype
-from .sources import HubUnreachable, prepare_dataset
+from .sources import HubUnreachable, prepare_backbones, prepare_dataset
 from .streams import held_out
 from .synthetic import QUESTION_KINDS, question_kind
 
