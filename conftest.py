@@ -38,8 +38,14 @@ def pytest_configure(config):
     proxy = servers.enter_context(web_proxy.serve(root / "web"))  # https://<host>/<path>, as a user's proxy
     config._hub_twins = servers
     home = tempfile.mkdtemp(prefix="llava_nb-hf-home-")
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
-                 "HF_DATASETS_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    for name in (
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_HUB_CACHE",
+        "HF_DATASETS_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+    ):
         os.environ.pop(name, None)
     os.environ.update({"HF_ENDPOINT": url, "HF_HOME": home, "HF_HUB_DISABLE_TELEMETRY": "1"})
     web_proxy.install(proxy)

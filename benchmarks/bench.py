@@ -49,14 +49,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from bench_jobs import BASELINE, PROJECT, VARIANTS, Job, baseline_precision, execute
 
 from llava_nb import config as cfg
 from llava_nb.device import cpu_has_bf16
 
-DEFAULT_CONFIGS = ("tutorial", "tutorial_fp32", "fast_loss", "grouped", "eager", "bf16_frozen",
-                   "shared_prefix", "project")
+DEFAULT_CONFIGS = (
+    "tutorial",
+    "tutorial_fp32",
+    "fast_loss",
+    "grouped",
+    "eager",
+    "bf16_frozen",
+    "shared_prefix",
+    "project",
+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,9 @@ class Settings:
     def job(self, config: str, **changes: Any) -> Job:
         """The Job for `config` with these settings (no accuracy run unless `changes` asks for one)."""
         shared = {f.name for f in dataclasses.fields(Job)} - {"config", "accuracy_limit"}
-        return Job(config=config, **{k: v for k, v in dataclasses.asdict(self).items() if k in shared} | changes)
+        return Job(
+            config=config, **{k: v for k, v in dataclasses.asdict(self).items() if k in shared} | changes
+        )
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -96,11 +105,17 @@ def machine_info() -> dict[str, Any]:
         pass
     import transformers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "cpu_bf16_supported": cpu_has_bf16(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average": round(os.getloadavg()[0], 2)}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_bf16_supported": cpu_has_bf16(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": round(os.getloadavg()[0], 2),
+    }
 
 
 def _in_subprocess(job: Job) -> dict[str, Any]:
@@ -108,7 +123,9 @@ def _in_subprocess(job: Job) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--job"]
     proc = subprocess.run(cmd, input=job.to_json(), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} < {job.to_json()} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} < {job.to_json()} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -160,20 +177,39 @@ def run(settings: Settings, progress=None) -> dict[str, Any]:
     accuracy = {}
     if settings.accuracy_steps:
         for c in (BASELINE, PROJECT):
-            say(f"accuracy: train {c} {settings.accuracy_steps} steps, evaluate {settings.accuracy_limit} "
-                "held-out samples")
-            a = execute_job(settings.job(c, steps=settings.accuracy_steps, warmup=0,
-                                         accuracy_limit=settings.accuracy_limit))
-            accuracy[c] = {k: a.get(k) for k in ("accuracy", "eval_loss", "accuracy_steps", "accuracy_limit",
-                                                 "samples_per_s", "train_wall_seconds")}
+            say(
+                f"accuracy: train {c} {settings.accuracy_steps} steps, evaluate {settings.accuracy_limit} "
+                "held-out samples"
+            )
+            a = execute_job(
+                settings.job(
+                    c, steps=settings.accuracy_steps, warmup=0, accuracy_limit=settings.accuracy_limit
+                )
+            )
+            accuracy[c] = {
+                k: a.get(k)
+                for k in (
+                    "accuracy",
+                    "eval_loss",
+                    "accuracy_steps",
+                    "accuracy_limit",
+                    "samples_per_s",
+                    "train_wall_seconds",
+                )
+            }
 
     base, proj = train_results.get(BASELINE), train_results.get(PROJECT)
     summary: dict[str, Any] = {
         "train_speedup_vs_tutorial": _ratio(proj and proj["samples_per_s"], base and base["samples_per_s"]),
-        "peak_rss_ratio_vs_tutorial": _ratio(proj and proj["train_peak_rss_mb"], base and base["train_peak_rss_mb"]),
+        "peak_rss_ratio_vs_tutorial": _ratio(
+            proj and proj["train_peak_rss_mb"], base and base["train_peak_rss_mb"]
+        ),
         "baseline_precision": base["precision"] if base else baseline_precision(),
-        "speedup_vs_tutorial": {c: _ratio(r["samples_per_s"], base["samples_per_s"])
-                                for c, r in train_results.items()} if base else {},
+        "speedup_vs_tutorial": {
+            c: _ratio(r["samples_per_s"], base["samples_per_s"]) for c, r in train_results.items()
+        }
+        if base
+        else {},
         "ran_first": orders[0][0] if orders else None,
         "orders": orders,
         "train": train_results,
@@ -198,55 +234,99 @@ def _fmt(x: Any, digits: int = 2) -> str:
 def format_table(summary: dict[str, Any]) -> str:
     """The results as a Markdown table (training, then generation)."""
     base = summary["train"].get(BASELINE)
-    rows = ["| config | labels | fast_loss | precision | grouped | attention | bf16 frozen | shared prefix | padding "
-            "| samples/s | tokens/s | supervised tokens/s | speed-up | training peak RSS MB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| config | labels | fast_loss | precision | grouped | attention | bf16 frozen | shared prefix "
+        "| padding | samples/s | tokens/s | supervised tokens/s | speed-up | training peak RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for c, r in summary["train"].items():
         speed = _ratio(r["samples_per_s"], base["samples_per_s"]) if base else None
-        rows.append(f"| {c} | {r['labels']} | {'yes' if r['fast_loss'] else 'no'} | {r['precision']} | "
-                    f"{'yes' if r.get('grouped') else 'no'} | {r.get('attention', '-')} | "
-                    f"{'yes' if r.get('bf16_frozen') else 'no'} | "
-                    f"{'yes' if r.get('shared_prefix') else 'no'} | {_fmt(100 * r['padding_fraction'], 1)} % | "
-                    f"{_fmt(r['samples_per_s'])} | {_fmt(r['tokens_per_s'], 0)} | "
-                    f"{_fmt(r['supervised_tokens_per_s'], 0)} | {_fmt(speed)}x | {_fmt(r['train_peak_rss_mb'], 0)} |")
+        rows.append(
+            f"| {c} | {r['labels']} | {'yes' if r['fast_loss'] else 'no'} | {r['precision']} | "
+            f"{'yes' if r.get('grouped') else 'no'} | {r.get('attention', '-')} | "
+            f"{'yes' if r.get('bf16_frozen') else 'no'} | "
+            f"{'yes' if r.get('shared_prefix') else 'no'} | {_fmt(100 * r['padding_fraction'], 1)} % | "
+            f"{_fmt(r['samples_per_s'])} | {_fmt(r['tokens_per_s'], 0)} | "
+            f"{_fmt(r['supervised_tokens_per_s'], 0)} | {_fmt(speed)}x | {_fmt(r['train_peak_rss_mb'], 0)} |"
+        )
     g = summary["generation"]
-    rows += ["", f"| generation (greedy, KV cache, {g['dtype']}, {g['max_new_tokens']} new tokens) | prompt tokens "
-             "| seconds | new tokens/s |", "| --- | ---: | ---: | ---: |"]
+    rows += [
+        "",
+        f"| generation (greedy, KV cache, {g['dtype']}, {g['max_new_tokens']} new tokens) | prompt tokens "
+        "| seconds | new tokens/s |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for k, v in g.items():
         if k.startswith("batch"):
-            rows.append(f"| batch of {v['batch_size']} | {v['prompt_tokens']} | {_fmt(v['seconds'])} | "
-                        f"{_fmt(v['tokens_per_s'], 1)} |")
+            rows.append(
+                f"| batch of {v['batch_size']} | {v['prompt_tokens']} | {_fmt(v['seconds'])} | "
+                f"{_fmt(v['tokens_per_s'], 1)} |"
+            )
     if summary.get("accuracy"):
-        rows += ["", "| accuracy after N steps | steps | held-out accuracy | eval loss |", "| --- | ---: | ---: | ---: |"]
+        rows += [
+            "",
+            "| accuracy after N steps | steps | held-out accuracy | eval loss |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         for c, a in summary["accuracy"].items():
-            rows.append(f"| {c} | {a['accuracy_steps']} | {_fmt(a['accuracy'], 3)} | {_fmt(a['eval_loss'], 3)} |")
+            rows.append(
+                f"| {c} | {a['accuracy_steps']} | {_fmt(a['accuracy'], 3)} | {_fmt(a['eval_loss'], 3)} |"
+            )
     return "\n".join(rows)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = Settings()
-    p = argparse.ArgumentParser(prog="python benchmarks/bench.py",
-                                description="Training and generation speed and memory: this project's stage 1 "
-                                            "against the tutorial's recipe in mixed precision, same model, data and "
-                                            "seed. The last line printed is a JSON summary.")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"timed training steps per config (default {d.steps})")
-    p.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed steps before them (default {d.warmup})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"training batch size (default {d.batch_size}, the offline profile's)")
-    p.add_argument("--repeats", type=int, default=d.repeats,
-                   help="run every config this many times, alternating the order; medians are reported")
-    p.add_argument("--configs", default=",".join(d.configs),
-                   help=f"comma-separated, from {sorted(VARIANTS)} (default {','.join(d.configs)})")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length (default 32)")
-    p.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size, help="the batched generation's size")
-    p.add_argument("--accuracy-steps", type=int, default=d.accuracy_steps,
-                   help="also train tutorial and project this many steps each and evaluate held-out accuracy "
-                        "(evaluate.evaluate, --accuracy-limit samples); off by default, it is slow")
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/bench.py",
+        description="Training and generation speed and memory: this project's stage 1 "
+        "against the tutorial's recipe in mixed precision, same model, data and "
+        "seed. The last line printed is a JSON summary.",
+    )
+    p.add_argument(
+        "--steps", type=int, default=d.steps, help=f"timed training steps per config (default {d.steps})"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=d.warmup, help=f"untimed steps before them (default {d.warmup})"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"training batch size (default {d.batch_size}, the offline profile's)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=d.repeats,
+        help="run every config this many times, alternating the order; medians are reported",
+    )
+    p.add_argument(
+        "--configs",
+        default=",".join(d.configs),
+        help=f"comma-separated, from {sorted(VARIANTS)} (default {','.join(d.configs)})",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length (default 32)"
+    )
+    p.add_argument(
+        "--gen-batch-size", type=int, default=d.gen_batch_size, help="the batched generation's size"
+    )
+    p.add_argument(
+        "--accuracy-steps",
+        type=int,
+        default=d.accuracy_steps,
+        help="also train tutorial and project this many steps each and evaluate held-out accuracy "
+        "(evaluate.evaluate, --accuracy-limit samples); off by default, it is slow",
+    )
     p.add_argument("--accuracy-limit", type=int, default=d.accuracy_limit)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--profile", default=d.profile, choices=sorted(cfg.PROFILES))
-    p.add_argument("--in-process", action="store_true",
-                   help="run every job in this process (faster, for tests; peaks are then not each job's own)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every job in this process (faster, for tests; peaks are then not each job's own)",
+    )
     p.add_argument("--job", action="store_true", help=argparse.SUPPRESS)  # a Job as JSON on stdin (run())
     return p.parse_args(argv)
 
@@ -262,17 +342,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"[bench {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
     settings = Settings(
-        configs=tuple(c.strip() for c in a.configs.split(",") if c.strip()), steps=a.steps, warmup=a.warmup,
-        batch_size=a.batch_size, repeats=a.repeats, seed=a.seed, profile=a.profile,
-        max_new_tokens=a.max_new_tokens, gen_batch_size=a.gen_batch_size, accuracy_steps=a.accuracy_steps,
-        accuracy_limit=a.accuracy_limit, in_process=a.in_process)
+        configs=tuple(c.strip() for c in a.configs.split(",") if c.strip()),
+        steps=a.steps,
+        warmup=a.warmup,
+        batch_size=a.batch_size,
+        repeats=a.repeats,
+        seed=a.seed,
+        profile=a.profile,
+        max_new_tokens=a.max_new_tokens,
+        gen_batch_size=a.gen_batch_size,
+        accuracy_steps=a.accuracy_steps,
+        accuracy_limit=a.accuracy_limit,
+        in_process=a.in_process,
+    )
     summary = run(settings, progress=say)
     m = summary["machine"]
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, "
-          f"bf16 instructions: {m['cpu_bf16_supported']}; load average {m['load_average']}")
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, "
+        f"bf16 instructions: {m['cpu_bf16_supported']}; load average {m['load_average']}"
+    )
     print(format_table(summary))
-    print(f"train speed-up vs the tutorial in {summary['baseline_precision']}: {summary['train_speedup_vs_tutorial']}x; "
-          f"training peak RSS ratio: {summary['peak_rss_ratio_vs_tutorial']}; {summary['bench_seconds']} s")
+    print(
+        f"train speed-up vs the tutorial in {summary['baseline_precision']}: "
+        f"{summary['train_speedup_vs_tutorial']}x; "
+        f"training peak RSS ratio: {summary['peak_rss_ratio_vs_tutorial']}; {summary['bench_seconds']} s"
+    )
     print(json.dumps(summary))
     return summary
 

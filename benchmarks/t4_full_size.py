@@ -73,8 +73,14 @@ def t4_sized_config(*, tiny: bool = False, layers: int | None = None) -> LlavaCo
     text = {k: v for k, v in cfg.T4_TEXT_CONFIG.items() if k != "model_type"}
     vision = dict(cfg.T4_VISION_CONFIG)
     if tiny:
-        text.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,
-                    num_key_value_heads=1, vocab_size=320)
+        text.update(
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            vocab_size=320,
+        )
         vision.update(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
     if layers:
         text["num_hidden_layers"] = layers
@@ -116,8 +122,15 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def make_batch(config: LlavaConfig, *, batch: int = 2, seq_len: int = 1024, question: int = 24,
-               reply: int = 200, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(
+    config: LlavaConfig,
+    *,
+    batch: int = 2,
+    seq_len: int = 1024,
+    question: int = 24,
+    reply: int = 200,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """A micro-batch as the collator makes it at max_length: per row BOS, the system prompt and "USER:" (the
     same in every row), the image's tokens, then turns of a question and a supervised reply ending in the
     end-of-turn token, the last reply running to `seq_len` (cut there, as the collator cuts). Random token
@@ -148,8 +161,12 @@ def make_batch(config: LlavaConfig, *, batch: int = 2, seq_len: int = 1024, ques
         rows.append(row)
         labels.append(torch.where(mask, row, torch.full_like(row, IGNORE_INDEX)))
     size = config.vision_config.image_size
-    return {"input_ids": torch.stack(rows), "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
-            "labels": torch.stack(labels), "pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+    return {
+        "input_ids": torch.stack(rows),
+        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
+        "labels": torch.stack(labels),
+        "pixel_values": torch.randn(batch, 3, size, size, generator=g),
+    }
 
 
 # ------------------------------------------------------------------------------------- what torch counts
@@ -176,6 +193,7 @@ class SavedTensors:
     def _set(self, region: str):
         def hook(*_):
             self.region = region
+
         return hook
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -189,8 +207,10 @@ class SavedTensors:
 
     def __enter__(self) -> Self:
         for name, m in self.modules:
-            self._handles += [m.register_forward_pre_hook(self._set(name)),
-                              m.register_forward_hook(self._set("other"))]
+            self._handles += [
+                m.register_forward_pre_hook(self._set(name)),
+                m.register_forward_hook(self._set("other")),
+            ]
         self._handles.append(self.head.register_forward_pre_hook(self._set("logits and loss")))
         self._hooks.__enter__()
         return self
@@ -210,10 +230,12 @@ def flop_counter() -> FlopCounterMode:
     aten = torch.ops.aten
     custom = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        custom[aten._scaled_dot_product_flash_attention_for_cpu] = (
-            lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v))
+        custom[aten._scaled_dot_product_flash_attention_for_cpu] = lambda q, k, v, *_, out_shape=None, **__: (
+            sdpa_flop_count(q, k, v)
+        )
         custom[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
-            lambda g, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(g, q, k, v))
+            lambda g, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(g, q, k, v)
+        )
     return FlopCounterMode(display=False, custom_mapping=custom)
 
 
@@ -222,8 +244,9 @@ def tensor_bytes(tensors) -> int:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(tensor_bytes(v for v in state.values() if torch.is_tensor(v))
-               for state in optimizer.state.values())
+    return sum(
+        tensor_bytes(v for v in state.values() if torch.is_tensor(v)) for state in optimizer.state.values()
+    )
 
 
 def capture_first_call(module: nn.Module) -> tuple[dict[str, Any], Any]:
@@ -232,6 +255,7 @@ def capture_first_call(module: nn.Module) -> tuple[dict[str, Any], Any]:
 
     def hook(_m, args, kwargs):
         seen.setdefault("call", (args, kwargs))
+
     return seen, module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
@@ -259,12 +283,18 @@ def make_trainer(model: nn.Module, t: cfg.TrainConfig, folder: str) -> trainer.L
     return trainer.LlavaTrainer(model=model, args=args, fast_loss=t.fast_loss, shared_prefix=t.shared_prefix)
 
 
-def run_stage(model: nn.Module, t: cfg.TrainConfig, batch: dict[str, torch.Tensor], *, folder: str,
-              timed_steps: int = 1) -> dict[str, Any]:
+def run_stage(
+    model: nn.Module, t: cfg.TrainConfig, batch: dict[str, torch.Tensor], *, folder: str, timed_steps: int = 1
+) -> dict[str, Any]:
     """One measured step (memory, FLOPs) and `timed_steps` plain ones, as Trainer would run them."""
     precision = place(model, t)
-    dtypes = sorted({f"{n.split('.')[1] if n.startswith('model.') else n.split('.')[0]} {str(p.dtype)[6:]}"
-                     for n, p in stages.base_model(model).named_parameters() if not p.requires_grad})
+    dtypes = sorted(
+        {
+            f"{n.split('.')[1] if n.startswith('model.') else n.split('.')[0]} {str(p.dtype)[6:]}"
+            for n, p in stages.base_model(model).named_parameters()
+            if not p.requires_grad
+        }
+    )
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
@@ -290,33 +320,56 @@ def run_stage(model: nn.Module, t: cfg.TrainConfig, batch: dict[str, torch.Tenso
                 out["gradients"] = tensor_bytes(p.grad for p in trainable if p.grad is not None)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        out.update(seconds=time.perf_counter() - began, cpu_seconds=time.process_time() - cpu,
-                   forward_seconds=forward, loss=loss.item(),
-                   peak_rss_gib=(device.status_mb("VmHWM") or 0) / 1024)
+        out.update(
+            seconds=time.perf_counter() - began,
+            cpu_seconds=time.process_time() - cpu,
+            forward_seconds=forward,
+            loss=loss.item(),
+            peak_rss_gib=(device.status_mb("VmHWM") or 0) / 1024,
+        )
         if measure:
-            out.update(flops=flops.get_total_flops(), saved=dict(saved.bytes), layers=saved.layers(),
-                       adamw=optimizer_state_bytes(optimizer))
-            out["flops_by_op"] = {str(op).split(".", 1)[-1]: n
-                                  for op, n in flops.get_flop_counts().get("Global", {}).items()}
+            out.update(
+                flops=flops.get_total_flops(),
+                saved=dict(saved.bytes),
+                layers=saved.layers(),
+                adamw=optimizer_state_bytes(optimizer),
+            )
+            out["flops_by_op"] = {
+                str(op).split(".", 1)[-1]: n for op, n in flops.get_flop_counts().get("Global", {}).items()
+            }
         return out
 
     measured = step(measure=True)
     handle.remove()
-    one_layer = (one_layer_saved_bytes(llava.model.language_model.layers[0], seen["call"], model, autocast)
-                 if t.gradient_checkpointing else None)  # without checkpointing the step measured every layer
+    one_layer = (
+        one_layer_saved_bytes(llava.model.language_model.layers[0], seen["call"], model, autocast)
+        if t.gradient_checkpointing
+        else None
+    )  # without checkpointing the step measured every layer
     timed = [step(measure=False) for _ in range(timed_steps)]
     frozen = [p for p in params if not p.requires_grad]
     return {
-        "precision_key": precision, "precision": memory.PRECISIONS[precision].name, "frozen dtypes": dtypes,
+        "precision_key": precision,
+        "precision": memory.PRECISIONS[precision].name,
+        "frozen dtypes": dtypes,
         "attention": llava.config.text_config._attn_implementation,
-        "gradient_checkpointing": t.gradient_checkpointing, "lora_r": t.lora_r,
-        "parameters": {"total": sum(p.numel() for p in params),
-                       "trainable": sum(p.numel() for p in trainable)},
-        "bytes": {"frozen weights": tensor_bytes(frozen), "trainable weights": tensor_bytes(trainable),
-                  "gradients": measured["gradients"], "AdamW state": measured["adamw"],
-                  "saved": measured["saved"], "saved per layer": measured["layers"],
-                  "one layer without checkpointing": one_layer},
-        "flops": measured["flops"], "flops_by_op": measured["flops_by_op"],
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "lora_r": t.lora_r,
+        "parameters": {
+            "total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in trainable),
+        },
+        "bytes": {
+            "frozen weights": tensor_bytes(frozen),
+            "trainable weights": tensor_bytes(trainable),
+            "gradients": measured["gradients"],
+            "AdamW state": measured["adamw"],
+            "saved": measured["saved"],
+            "saved per layer": measured["layers"],
+            "one layer without checkpointing": one_layer,
+        },
+        "flops": measured["flops"],
+        "flops_by_op": measured["flops_by_op"],
         "measured_step_seconds": round(measured["seconds"], 2),
         "step_seconds": round(min(s["seconds"] for s in timed), 2),
         "step_cpu_seconds": round(min(s["cpu_seconds"] for s in timed), 2),  # of this process, all threads
@@ -337,9 +390,14 @@ def measured_items(stage: dict[str, Any]) -> dict[str, float]:
         activations = outside + b["one layer without checkpointing"]
     else:
         activations = outside
-    items = {"frozen weights (fp16)": b["frozen weights"], "trainable weights (fp32)": b["trainable weights"],
-             "gradients (fp32)": b["gradients"], "AdamW moments (fp32)": b["AdamW state"],
-             "activations": activations, "logits and loss": saved.get("logits and loss", 0)}
+    items = {
+        "frozen weights (fp16)": b["frozen weights"],
+        "trainable weights (fp32)": b["trainable weights"],
+        "gradients (fp32)": b["gradients"],
+        "AdamW moments (fp32)": b["AdamW state"],
+        "activations": activations,
+        "logits and loss": saved.get("logits and loss", 0),
+    }
     return {k: round(v / GIB, 3) for k, v in items.items()}
 
 
@@ -358,17 +416,32 @@ def machine() -> dict[str, Any]:
             key, _, value = line.partition(":")
             if key in ("Model name", "CPU family", "Model") and key not in cpu:
                 cpu[key] = value.strip()
-    model_name = (f"{cpu.get('Model name', platform.processor())} (family {cpu.get('CPU family', '?')}, "
-                  f"model {cpu.get('Model', '?')})")
+    model_name = (
+        f"{cpu.get('Model name', platform.processor())} (family {cpu.get('CPU family', '?')}, "
+        f"model {cpu.get('Model', '?')})"
+    )
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return {"cpu": model_name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "bf16_instructions": device.cpu_has_bf16(), "ram_gib": round(ram, 1),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "load_average": os.getloadavg()}
+    return {
+        "cpu": model_name,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "bf16_instructions": device.cpu_has_bf16(),
+        "ram_gib": round(ram, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_average": os.getloadavg(),
+    }
 
 
-def run(*, tiny: bool = False, layers: int | None = None, seq_len: int | None = None,
-        batch: int | None = None, timed_steps: int = 1) -> dict[str, Any]:
+def run(
+    *,
+    tiny: bool = False,
+    layers: int | None = None,
+    seq_len: int | None = None,
+    batch: int | None = None,
+    timed_steps: int = 1,
+) -> dict[str, Any]:
     """Both stages on one model (stage 2 adds LoRA to it, as stage 2 adds it to the stage-1 export)."""
     profile = cfg.PROFILES["t4"]
     t1, t2 = profile.stage1, profile.stage2
@@ -381,12 +454,17 @@ def run(*, tiny: bool = False, layers: int | None = None, seq_len: int | None = 
     data = make_batch(model.config, batch=batch, seq_len=seq_len)
     supervised = int((data["labels"][:, 1:] != IGNORE_INDEX).sum())
     load_before = os.getloadavg()
-    result: dict[str, Any] = {"date": datetime.date.today().isoformat(), "tiny": tiny, "layers": layers,
-                              "micro_batch": batch, "seq_len": seq_len,
-                              "image_tokens": model.config.image_seq_length,
-                              "vocab": model.get_input_embeddings().num_embeddings,
-                              "supervised_positions": supervised,
-                              "build_seconds": round(built, 1)}
+    result: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "tiny": tiny,
+        "layers": layers,
+        "micro_batch": batch,
+        "seq_len": seq_len,
+        "image_tokens": model.config.image_seq_length,
+        "vocab": model.get_input_embeddings().num_embeddings,
+        "supervised_positions": supervised,
+        "build_seconds": round(built, 1),
+    }
     with tempfile.TemporaryDirectory() as folder:
         result["stage1"] = run_stage(model, t1, data, folder=folder, timed_steps=timed_steps)
         model = stages.add_lora(model, t2)
@@ -395,9 +473,13 @@ def run(*, tiny: bool = False, layers: int | None = None, seq_len: int | None = 
     for n, t in ((1, t1), (2, t2)):
         stage = result[f"stage{n}"]
         stage["plan"] = memory.memory_plan(config, t, seq_len=seq_len)
-        stage["plan_as_measured"] = memory.memory_plan(config, t, seq_len=seq_len,
-                                                       precision=stage["precision_key"],
-                                                       supervised=supervised / (batch * seq_len))
+        stage["plan_as_measured"] = memory.memory_plan(
+            config,
+            t,
+            seq_len=seq_len,
+            precision=stage["precision_key"],
+            supervised=supervised / (batch * seq_len),
+        )
         stage["measured"] = measured_items(stage)
         stage["t4_seconds_per_micro_batch"] = t4_estimate(stage["flops"])
         stage["steps"], stage["accumulation"] = t.max_steps, t.gradient_accumulation_steps
@@ -406,78 +488,111 @@ def run(*, tiny: bool = False, layers: int | None = None, seq_len: int | None = 
 
 def table(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [(f"The t4 model at full size, one training step per stage: micro-batch "
-              f"{result['micro_batch']} x {result['seq_len']} tokens ({result['image_tokens']} image tokens, "
-              f"{result['supervised_positions']} supervised positions), vocabulary {result['vocab']}; "
-              f"{result['date']}"),
-             (f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['ram_gib']} GiB RAM, "
-              f"bf16 instructions {m['bf16_instructions']}, Python {m['python']}, torch {m['torch']}, "
-              f"transformers {m['transformers']}; load average (1, 5, 15 min) before "
-              f"{', '.join(f'{x:.1f}' for x in m['load_average_before'])}, after "
-              f"{', '.join(f'{x:.1f}' for x in m['load_average'])} (2 shared cores)")]
+    lines = [
+        (
+            f"The t4 model at full size, one training step per stage: micro-batch "
+            f"{result['micro_batch']} x {result['seq_len']} tokens ({result['image_tokens']} image tokens, "
+            f"{result['supervised_positions']} supervised positions), vocabulary {result['vocab']}; "
+            f"{result['date']}"
+        ),
+        (
+            f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['ram_gib']} GiB RAM, "
+            f"bf16 instructions {m['bf16_instructions']}, Python {m['python']}, torch {m['torch']}, "
+            f"transformers {m['transformers']}; load average (1, 5, 15 min) before "
+            f"{', '.join(f'{x:.1f}' for x in m['load_average_before'])}, after "
+            f"{', '.join(f'{x:.1f}' for x in m['load_average'])} (2 shared cores)"
+        ),
+    ]
     for n in (1, 2):
         s = result[f"stage{n}"]
         plan, here = s["plan"], s["plan_as_measured"]
-        lines += ["", (f"stage {n}: {s['precision']}; attention {s['attention']}; checkpointing "
-                       f"{'on' if s['gradient_checkpointing'] else 'off'}; LoRA r={s['lora_r']}; frozen "
-                       f"weights: {', '.join(s['frozen dtypes'])}"),
-                  "| item | plan on a T4 | plan in this precision | measured here | measured / plan |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            (
+                f"stage {n}: {s['precision']}; attention {s['attention']}; checkpointing "
+                f"{'on' if s['gradient_checkpointing'] else 'off'}; LoRA r={s['lora_r']}; frozen "
+                f"weights: {', '.join(s['frozen dtypes'])}"
+            ),
+            "| item | plan on a T4 | plan in this precision | measured here | measured / plan |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
         p = s["parameters"]
-        rows = [("parameters (M)", p["total"] / 1e6), ("trainable parameters (M)", p["trainable"] / 1e6),
-                *((f"{k} GiB", v) for k, v in s["measured"].items())]
+        rows = [
+            ("parameters (M)", p["total"] / 1e6),
+            ("trainable parameters (M)", p["trainable"] / 1e6),
+            *((f"{k} GiB", v) for k, v in s["measured"].items()),
+        ]
         for item, measured in rows:
             key = item.removesuffix(" GiB")
-            lines.append(f"| {item} | {plan[key]:.3f} | {here[key]:.3f} | {measured:.3f} | "
-                         + (f"{measured / here[key]:.2f} |" if here[key] else "- |"))
-        lines.append(f"| loss transients GiB (not saved; not measured) | {plan['loss transients']:.3f} | "
-                     f"{here['loss transients']:.3f} | | |")
+            lines.append(
+                f"| {item} | {plan[key]:.3f} | {here[key]:.3f} | {measured:.3f} | "
+                + (f"{measured / here[key]:.2f} |" if here[key] else "- |")
+            )
+        lines.append(
+            f"| loss transients GiB (not saved; not measured) | {plan['loss transients']:.3f} | "
+            f"{here['loss transients']:.3f} | | |"
+        )
         lines.append(f"| total GiB | {plan['total']:.2f} | {here['total']:.2f} | | |")
         saved = s["bytes"]["saved"]
-        detail = ", ".join(f"{k} {v / GIB:.3f}" for k, v in sorted(saved.items())
-                           if not k.startswith("layer "))
+        detail = ", ".join(
+            f"{k} {v / GIB:.3f}" for k, v in sorted(saved.items()) if not k.startswith("layer ")
+        )
         per_layer = s["bytes"]["saved per layer"]
-        lines.append(f"saved for backward, GiB: {detail}; decoder layers {sum(per_layer) / GIB:.3f} "
-                     f"({min(per_layer) / GIB:.4f}-{max(per_layer) / GIB:.4f} each)"
-                     + (f"; one layer recomputed in backward "
-                        f"{s['bytes']['one layer without checkpointing'] / GIB:.3f}"
-                        if s["gradient_checkpointing"] else ""))
+        lines.append(
+            f"saved for backward, GiB: {detail}; decoder layers {sum(per_layer) / GIB:.3f} "
+            f"({min(per_layer) / GIB:.4f}-{max(per_layer) / GIB:.4f} each)"
+            + (
+                f"; one layer recomputed in backward "
+                f"{s['bytes']['one layer without checkpointing'] / GIB:.3f}"
+                if s["gradient_checkpointing"]
+                else ""
+            )
+        )
         est = s["t4_seconds_per_micro_batch"]
-        lines += [f"FLOPs per micro-batch {s['flops'] / 1e12:.2f} T ("
-                  + ", ".join(f"{k} {v / 1e12:.2f} T"
-                              for k, v in sorted(s["flops_by_op"].items(), key=lambda kv: -kv[1]))
-                  + ")",
-                  (f"CPU: step {s['step_seconds']} s (forward and loss {s['forward_seconds']} s"
-                   + (f"; {s['step_cpu_seconds']} s of CPU time" if "step_cpu_seconds" in s else "")
-                   + "); the first "
-                   f"step, with the counters, {s['measured_step_seconds']} s; peak RSS "
-                   f"{s['peak_rss_gib']} GiB; loss {s['loss']}"),
-                  "T4 estimate, seconds per micro-batch of 2: " + ", ".join(
-                      f"{v} at {ACHIEVED_TFLOPS[k]:g} TFLOPS ({k})" for k, v in est.items())
-                  + f"; the stage ({s['steps']} steps x {s['accumulation']} micro-batches): "
-                  + ", ".join(f"{v * s['steps'] * s['accumulation'] / 60:.0f}" for v in est.values())
-                  + " min"]
+        lines += [
+            f"FLOPs per micro-batch {s['flops'] / 1e12:.2f} T ("
+            + ", ".join(
+                f"{k} {v / 1e12:.2f} T" for k, v in sorted(s["flops_by_op"].items(), key=lambda kv: -kv[1])
+            )
+            + ")",
+            (
+                f"CPU: step {s['step_seconds']} s (forward and loss {s['forward_seconds']} s"
+                + (f"; {s['step_cpu_seconds']} s of CPU time" if "step_cpu_seconds" in s else "")
+                + "); the first "
+                f"step, with the counters, {s['measured_step_seconds']} s; peak RSS "
+                f"{s['peak_rss_gib']} GiB; loss {s['loss']}"
+            ),
+            "T4 estimate, seconds per micro-batch of 2: "
+            + ", ".join(f"{v} at {ACHIEVED_TFLOPS[k]:g} TFLOPS ({k})" for k, v in est.items())
+            + f"; the stage ({s['steps']} steps x {s['accumulation']} micro-batches): "
+            + ", ".join(f"{v * s['steps'] * s['accumulation'] / 60:.0f}" for v in est.values())
+            + " min",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="2 layers of width 64 (a dry run; writes nothing)")
-    p.add_argument("--layers", type=int, default=None,
-                   help="language-model layers (default: 22; writes nothing)")
+    p.add_argument(
+        "--layers", type=int, default=None, help="language-model layers (default: 22; writes nothing)"
+    )
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the t4 max_length)")
     p.add_argument("--timed-steps", type=int, default=1, help="plain steps timed after the measured one")
     p.add_argument("--table-from", default=None, help="print the table of a JSON this script wrote, and stop")
-    p.add_argument("--out-dir", default=None, help="write t4-full-size-<date>.json and .txt there "
-                                                     "(default: docs/ at full size, nowhere with --tiny)")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="write t4-full-size-<date>.json and .txt there "
+        "(default: docs/ at full size, nowhere with --tiny)",
+    )
     args = p.parse_args(argv)
     if args.table_from:
         text = table(json.loads(Path(args.table_from).read_text()))
         print(text)
         return {"table": text}
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    result = run(tiny=args.tiny, layers=args.layers, seq_len=args.seq_len,
-                 timed_steps=args.timed_steps)
+    result = run(tiny=args.tiny, layers=args.layers, seq_len=args.seq_len, timed_steps=args.timed_steps)
     text = table(result)
     print(text)
     out_dir = args.out_dir or (None if args.tiny or args.layers else ROOT / "docs")

@@ -4,9 +4,10 @@ One concern per module; each imports only modules on floors below its own (no cy
 only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks the arrows.
 
     floor 5  train        train(), find_or_train() (notebooks 06/07) and `python -m llava_nb.train`
+             evaluate     a test split's loss and accuracy, or POPE; `python -m llava_nb.evaluate`; the card
     floor 4  trainer      the Trainer subclass (its private overrides, tested), callbacks, training args
+             scoring      held-out loss, question turns, batched greedy answers, exact match, result tables
              stages       what trains in stage 1 and 2 (from the backbones on disk), LoRA, frozen precision
-             evaluate     held-out loss and accuracy, POPE, `python -m llava_nb.evaluate`; updates the card
              demo         the Gradio chat, `python -m llava_nb.demo`
     floor 3  sources      backbones and datasets on disk: hub downloads or the offline ones written here
              checkpoints  what training writes: trainable-state save/load, resume point, atomic commit, export
@@ -26,7 +27,7 @@ only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks
              processing   special tokens, the chat template, the processor
              fsutil       atomic folders with a manifest, the checkpoint-file reader, HubUnreachable
              plots        loss curves and answer grids
-             colab        the notebooks' first cell and the README's badges, from one repository name
+             colab        the notebooks' first cell and the README's badges, from pyproject.toml's repository
 
 Six floors (0-5). Training writes the run folder's layout and inference reads it, both from `runs`, so
 `infer` imports nothing of training. Only what a notebook or command runs lives here: the hub twins, the

@@ -30,9 +30,12 @@ HUB_IDS = {"offline:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct
 # Each source's licence: the tag its hub card carries (None: it carries none), and what the card says.
 LICENSES: dict[str, tuple[str | None, str]] = {
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": ("apache-2.0", "apache-2.0 (the `license` tag of its model card)"),
-    "openai/clip-vit-base-patch32": (None, "no `license` tag on its model card; OpenAI's CLIP repository, "
-                                           "which published these weights, is under the MIT licence "
-                                           "(https://github.com/openai/CLIP/blob/main/LICENSE)"),
+    "openai/clip-vit-base-patch32": (
+        None,
+        "no `license` tag on its model card; OpenAI's CLIP repository, "
+        "which published these weights, is under the MIT licence "
+        "(https://github.com/openai/CLIP/blob/main/LICENSE)",
+    ),
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("apache-2.0", "apache-2.0 (the `license` tag of its model card)"),
     "offline:clip-scenes": ("apache-2.0", "pretrained by llava_nb on drawn scenes; apache-2.0, as llava_nb"),
 }
@@ -77,10 +80,16 @@ def card_data(summary: dict | None, results: Sequence[EvalResult], model_name: s
     hub_data = src.get("data") and "/" in src["data"] and not Path(src["data"]).exists()  # not a local path
     data = [src["data"]] if hub_data else None
     fields = license_fields([src[k] for k in ("vision", "lm") if k in src])
-    return ModelCardData(base_model=base or None, datasets=data, pipeline_tag=TASK,
-                         library_name="transformers",
-                         tags=["llava", "vision-language", "image-text-to-text", "llava_nb"],
-                         model_name=model_name, eval_results=list(results) or None, **fields)
+    return ModelCardData(
+        base_model=base or None,
+        datasets=data,
+        pipeline_tag=TASK,
+        library_name="transformers",
+        tags=["llava", "vision-language", "image-text-to-text", "llava_nb"],
+        model_name=model_name,
+        eval_results=list(results) or None,
+        **fields,
+    )
 
 
 def training_results(summary: dict | None) -> list[EvalResult]:
@@ -90,8 +99,9 @@ def training_results(summary: dict | None) -> list[EvalResult]:
         return []
     dataset = (summary.get("data") or {}).get("dataset") or "unknown"
     samples = (summary.get("train") or {}).get("eval_samples")
-    return [_result(dataset, "test", "loss", "eval loss", round(float(loss), 4), "train",
-                    {"samples": samples})]
+    return [
+        _result(dataset, "test", "loss", "eval loss", round(float(loss), 4), "train", {"samples": samples})
+    ]
 
 
 def results_from_metrics(metrics: dict[str, Any]) -> list[EvalResult]:
@@ -99,29 +109,63 @@ def results_from_metrics(metrics: dict[str, Any]) -> list[EvalResult]:
     dataset = metrics.get("dataset") or "unknown"
     if metrics.get("benchmark") == "pope":
         args = {"questions": metrics["n"], "seed": metrics.get("seed")}
-        return [_result(dataset, "test", name, label, metrics[name], "evaluate", args, "POPE")
-                for name, label in (("accuracy", "accuracy"), ("f1", "F1 of yes"), ("precision", "precision"),
-                                    ("recall", "recall"), ("yes_ratio", "yes-ratio"))
-                if metrics.get(name) is not None]
+        return [
+            _result(dataset, "test", name, label, metrics[name], "evaluate", args, "POPE")
+            for name, label in (
+                ("accuracy", "accuracy"),
+                ("f1", "F1 of yes"),
+                ("precision", "precision"),
+                ("recall", "recall"),
+                ("yes_ratio", "yes-ratio"),
+            )
+            if metrics.get(name) is not None
+        ]
     args = {"samples": metrics.get("n")}
     out = [_result(dataset, "test", "loss", "eval loss", metrics["eval_loss"], "evaluate", args)]
     if metrics.get("accuracy") is not None:
-        out.append(_result(dataset, "test", "accuracy", "accuracy", metrics["accuracy"], "evaluate",
-                           dict(args, questions=metrics.get("n_questions"))))
+        out.append(
+            _result(
+                dataset,
+                "test",
+                "accuracy",
+                "accuracy",
+                metrics["accuracy"],
+                "evaluate",
+                dict(args, questions=metrics.get("n_questions")),
+            )
+        )
     return out
 
 
-def _result(dataset: str, split: str, metric: str, label: str, value: Any, by: str, args: dict,
-            name: str | None = None) -> EvalResult:
-    return EvalResult(task_type=TASK, dataset_type=dataset, dataset_name=name or dataset.split("/")[-1],
-                      dataset_split=split, dataset_args={k: v for k, v in args.items() if v is not None},
-                      metric_type=metric, metric_name=label, metric_value=value,
-                      metric_config=MEASURED_BY[by])
+def _result(
+    dataset: str,
+    split: str,
+    metric: str,
+    label: str,
+    value: Any,
+    by: str,
+    args: dict,
+    name: str | None = None,
+) -> EvalResult:
+    return EvalResult(
+        task_type=TASK,
+        dataset_type=dataset,
+        dataset_name=name or dataset.split("/")[-1],
+        dataset_split=split,
+        dataset_args={k: v for k, v in args.items() if v is not None},
+        metric_type=metric,
+        metric_name=label,
+        metric_value=value,
+        metric_config=MEASURED_BY[by],
+    )
 
 
 def _same(a: EvalResult, b: EvalResult) -> bool:
-    return ((a.dataset_type, a.dataset_split, a.metric_type)
-            == (b.dataset_type, b.dataset_split, b.metric_type))
+    return (a.dataset_type, a.dataset_split, a.metric_type) == (
+        b.dataset_type,
+        b.dataset_split,
+        b.metric_type,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -131,33 +175,55 @@ def render(summary: dict | None, results: Sequence[EvalResult], model_name: str)
     """The whole card: metadata, then what the model is, its recipe, its scores and how to load it."""
     data = card_data(summary, results, model_name)
     src = sources(summary)
-    lines = [f"# {model_name}", "",
-             "A LLaVA-style vision-language model (`LlavaForConditionalGeneration`): "
-             f"{_name(src.get('vision'), 'a CLIP vision tower')} sees, "
-             f"{_name(src.get('lm'), 'a language model')} talks, and a 2-layer MLP projector joins them. "
-             "Trained with llava_nb (llava-on-a-budget).", ""]
+    lines = [
+        f"# {model_name}",
+        "",
+        "A LLaVA-style vision-language model (`LlavaForConditionalGeneration`): "
+        f"{_name(src.get('vision'), 'a CLIP vision tower')} sees, "
+        f"{_name(src.get('lm'), 'a language model')} talks, and a 2-layer MLP projector joins them. "
+        "Trained with llava_nb (llava-on-a-budget).",
+        "",
+    ]
     lines += ["## Recipe", "", *_recipe(summary), "", "## Scores", ""]
     if results:
         lines += ["| benchmark | split | metric | value | measured on | by |", "|---|---|---|---:|---|---|"]
-        lines += [f"| {r.dataset_name} | {r.dataset_split} | {r.metric_name} | {r.metric_value} | "
-                  f"{_args(r.dataset_args)} | {r.metric_config} |" for r in results]
-        lines += ["", "Accuracy, F1, precision, recall and yes-ratio are fractions (0.5 = 50 %); "
-                  "POPE's F1 is that of the answer \"yes\"."]
+        lines += [
+            f"| {r.dataset_name} | {r.dataset_split} | {r.metric_name} | {r.metric_value} | "
+            f"{_args(r.dataset_args)} | {r.metric_config} |"
+            for r in results
+        ]
+        lines += [
+            "",
+            "Accuracy, F1, precision, recall and yes-ratio are fractions (0.5 = 50 %); "
+            'POPE\'s F1 is that of the answer "yes".',
+        ]
     else:
         lines.append("None measured yet: `python -m llava_nb.evaluate --checkpoint <this folder>`.")
-    lines += ["", "## How to load", "", "```python", "from transformers import AutoProcessor, "
-              "LlavaForConditionalGeneration", "",
-              'model = LlavaForConditionalGeneration.from_pretrained("path/to/this/folder")',
-              'processor = AutoProcessor.from_pretrained("path/to/this/folder")',
-              'conversation = [{"role": "user", "content": [{"type": "image"}, '
-              '{"type": "text", "text": "What is in the picture?"}]}]',
-              "prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)",
-              'inputs = processor(images=image, text=prompt, return_tensors="pt")  # image: a PIL image',
-              "reply = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
-              'print(processor.decode(reply[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-              "```", "", "## Licence", ""]
-    lines += [f"- `{HUB_IDS.get(i, i)}`: {LICENSES[i][1]}" for i in (src.get("vision"), src.get("lm"))
-              if i in LICENSES] or ["- unknown: this export carries no training record"]
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        "",
+        'model = LlavaForConditionalGeneration.from_pretrained("path/to/this/folder")',
+        'processor = AutoProcessor.from_pretrained("path/to/this/folder")',
+        'conversation = [{"role": "user", "content": [{"type": "image"}, '
+        '{"type": "text", "text": "What is in the picture?"}]}]',
+        "prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)",
+        'inputs = processor(images=image, text=prompt, return_tensors="pt")  # image: a PIL image',
+        "reply = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+        'print(processor.decode(reply[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+        "## Licence",
+        "",
+    ]
+    lines += [
+        f"- `{HUB_IDS.get(i, i)}`: {LICENSES[i][1]}"
+        for i in (src.get("vision"), src.get("lm"))
+        if i in LICENSES
+    ] or ["- unknown: this export carries no training record"]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
@@ -173,17 +239,25 @@ def _recipe(summary: dict | None) -> list[str]:
     if not summary or not summary.get("train"):
         return ["Unknown: this export carries no training record (`llava_nb_training.json`)."]
     t, stage = summary["train"], summary.get("stage")
-    what = "the projector alone (vision tower and language model frozen)" if stage == 1 else (
-        f"the projector and a LoRA adapter of rank {t.get('lora_r')} on the language model (merged)")
-    batch = (f"{t.get('per_device_train_batch_size')} per device x {t.get('gradient_accumulation_steps')} "
-             "accumulation")
+    what = (
+        "the projector alone (vision tower and language model frozen)"
+        if stage == 1
+        else (f"the projector and a LoRA adapter of rank {t.get('lora_r')} on the language model (merged)")
+    )
+    batch = (
+        f"{t.get('per_device_train_batch_size')} per device x {t.get('gradient_accumulation_steps')} "
+        "accumulation"
+    )
     lr = f"{t.get('learning_rate')}, cosine to {t.get('min_lr')}, warmup {t.get('warmup_steps')}"
-    return ["| profile | stage | steps | batch | learning rate | dataset | seed |",
-            "|---|---|---:|---|---|---|---:|",
-            f"| {summary.get('profile')} | {stage} | {t.get('max_steps')} | {batch} | {lr} | "
-            f"{summary.get('dataset')} | {summary.get('seed')} |",
-            "", f"Stage {stage} trained {what}."
-            + (f" It started from `{summary['init_from']}`." if summary.get("init_from") else "")]
+    return [
+        "| profile | stage | steps | batch | learning rate | dataset | seed |",
+        "|---|---|---:|---|---|---|---:|",
+        f"| {summary.get('profile')} | {stage} | {t.get('max_steps')} | {batch} | {lr} | "
+        f"{summary.get('dataset')} | {summary.get('seed')} |",
+        "",
+        f"Stage {stage} trained {what}."
+        + (f" It started from `{summary['init_from']}`." if summary.get("init_from") else ""),
+    ]
 
 
 def _args(args: dict | None) -> str:
@@ -193,8 +267,12 @@ def _args(args: dict | None) -> str:
 # -------------------------------------------------------------------------------------------- on disk
 
 
-def write_card(folder: str | os.PathLike, summary: dict | None, results: Sequence[EvalResult] | None = None,
-               model_name: str | None = None) -> Path:
+def write_card(
+    folder: str | os.PathLike,
+    summary: dict | None,
+    results: Sequence[EvalResult] | None = None,
+    model_name: str | None = None,
+) -> Path:
     """Write `folder/README.md` in one rename, keeping the folder's time; returns its path."""
     folder = Path(folder)
     if results is None:

@@ -59,13 +59,17 @@ def load_trainable(model: nn.Module, folder: str | os.PathLike) -> None:
     expected = set(trainable_state(model))
     if set(state) != expected:
         extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
-        raise KeyError(f"{path} does not match the model being trained (in the file only: {extra[:3]}, in "
-                       f"the model only: {missing[:3]}): it comes from another stage or LoRA setting; resume "
-                       "into the same stage and profile, or start afresh in another --export-dir")
+        raise KeyError(
+            f"{path} does not match the model being trained (in the file only: {extra[:3]}, in "
+            f"the model only: {missing[:3]}): it comes from another stage or LoRA setting; resume "
+            "into the same stage and profile, or start afresh in another --export-dir"
+        )
     for name, tensor in state.items():
         if params[name].shape != tensor.shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(params[name].shape)}: was lora_r changed since the checkpoint?")
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(params[name].shape)}: was lora_r changed since the checkpoint?"
+            )
         params[name].copy_(tensor)
 
 
@@ -77,8 +81,14 @@ def checkpoint_step(folder: str | os.PathLike) -> int:
 def checkpoints(folder: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under `folder`, oldest first; half-written ones are left out."""
     folder = Path(folder)
-    found = sorted((p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                    if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name)), key=checkpoint_step)
+    found = sorted(
+        (
+            p
+            for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+            if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name)
+        ),
+        key=checkpoint_step,
+    )
     complete = [p for p in found if is_complete(p)]
     for p in sorted(set(found) - set(complete)):
         log.warning("ignoring %s: incomplete (its save was cut short)", p)
@@ -117,11 +127,16 @@ def resume_point(checkpoint_dir: Path, resume: bool | str, args: TrainingArgumen
     with args.main_process_first(desc="tidying the checkpoint folder"):  # the others wait for process 0
         if args.process_index == 0 and checkpoint_dir.exists():
             if resume is False:
-                old = [*checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
-                       *checkpoint_dir.glob(STAGING_PREFIX + "*")]
+                old = [
+                    *checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
+                    *checkpoint_dir.glob(STAGING_PREFIX + "*"),
+                ]
                 if old:
-                    log.warning("starting afresh: removing %d old checkpoint(s) in %s (resume=True continues "
-                                "them)", len(old), checkpoint_dir)
+                    log.warning(
+                        "starting afresh: removing %d old checkpoint(s) in %s (resume=True continues them)",
+                        len(old),
+                        checkpoint_dir,
+                    )
             else:  # a save cut short leaves its staging folder behind
                 old = list(checkpoint_dir.glob(STAGING_PREFIX + "*"))
             for p in old:
@@ -129,8 +144,14 @@ def resume_point(checkpoint_dir: Path, resume: bool | str, args: TrainingArgumen
     return found if resume else None
 
 
-def export(model: nn.Module, processor: Any, folder: str | os.PathLike, *, summary: dict | None = None,
-           dtype: torch.dtype | None = None) -> Path:
+def export(
+    model: nn.Module,
+    processor: Any,
+    folder: str | os.PathLike,
+    *,
+    summary: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write a folder that plain transformers loads (config, model.safetensors, generation config,
     processor with tokenizer and chat template) and its model card (`cards`), atomically: a killed export
     leaves the previous one.

@@ -38,8 +38,19 @@ from . import synthetic
 from .device import cpu_has_bf16
 
 SPECIALS = ("<pad>", "<bos>", "<unk>", "<eos>")  # eos is not id 2: CLIP pools id 2 the legacy way (argmax)
-VOCAB = (*SPECIALS, "a", "and", "on", "the", "small", "large", "left", "right", *synthetic.COLOURS,
-         *synthetic.SHAPES)
+VOCAB = (
+    *SPECIALS,
+    "a",
+    "and",
+    "on",
+    "the",
+    "small",
+    "large",
+    "left",
+    "right",
+    *synthetic.COLOURS,
+    *synthetic.SHAPES,
+)
 PAD, BOS, UNK, EOS = range(4)
 MAX_TOKENS = 32  # the longest caption (three objects) is 25 tokens with <bos> and <eos>
 VOCAB_FILE = "words.json"  # not vocab.json: transformers would take it for a BPE tokenizer
@@ -47,9 +58,13 @@ RECORD_FILE = "pretraining.json"
 _IDS = {w: i for i, w in enumerate(VOCAB)}
 PATCH = 32  # ViT-B/32's patch: a 7 x 7 grid at 224 px
 PATCH_LAYER = -2  # the hidden state LLaVA reads (vision_feature_layer)
-PATCH_CLASSES = {"colour": (None, *synthetic.COLOURS), "shape": (None, *synthetic.SHAPES),
-                 "side": (None, "left", "right"), "size": (None, "small", "large"),
-                 "count": (None, *range(1, synthetic.MAX_OBJECTS + 1))}  # the scene's, on every patch
+PATCH_CLASSES = {
+    "colour": (None, *synthetic.COLOURS),
+    "shape": (None, *synthetic.SHAPES),
+    "side": (None, "left", "right"),
+    "size": (None, "small", "large"),
+    "count": (None, *range(1, synthetic.MAX_OBJECTS + 1)),
+}  # the scene's, on every patch
 SCENE_ATTRIBUTES = ("count",)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # openai CLIP's pixel normalisation
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -59,14 +74,29 @@ def clip_config(c: cfg.ClipConfig):
     """A CLIPConfig with ViT-B/32's patching (224 px, 32-px patches) and the twin's widths and depths."""
     from transformers import CLIPConfig
 
-    vision = dict(hidden_size=c.vision_width, intermediate_size=4 * c.vision_width,
-                  num_hidden_layers=c.vision_layers,
-                  num_attention_heads=c.vision_heads, image_size=synthetic.IMAGE_SIZE, patch_size=32,
-                  projection_dim=c.projection_dim, hidden_act="quick_gelu")
-    text = dict(hidden_size=c.text_width, intermediate_size=4 * c.text_width, num_hidden_layers=c.text_layers,
-                num_attention_heads=c.text_heads, vocab_size=len(VOCAB), max_position_embeddings=MAX_TOKENS,
-                pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, projection_dim=c.projection_dim,
-                hidden_act="quick_gelu")
+    vision = dict(
+        hidden_size=c.vision_width,
+        intermediate_size=4 * c.vision_width,
+        num_hidden_layers=c.vision_layers,
+        num_attention_heads=c.vision_heads,
+        image_size=synthetic.IMAGE_SIZE,
+        patch_size=32,
+        projection_dim=c.projection_dim,
+        hidden_act="quick_gelu",
+    )
+    text = dict(
+        hidden_size=c.text_width,
+        intermediate_size=4 * c.text_width,
+        num_hidden_layers=c.text_layers,
+        num_attention_heads=c.text_heads,
+        vocab_size=len(VOCAB),
+        max_position_embeddings=MAX_TOKENS,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        projection_dim=c.projection_dim,
+        hidden_act="quick_gelu",
+    )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=c.projection_dim)
 
 
@@ -165,9 +195,16 @@ def patch_loss(logits: torch.Tensor, targets: torch.Tensor, scene_weight: float 
     return total
 
 
-def contrastive_loss(model, images, positives: list[str], negatives: list[str],
-                     scenes: list[list[dict]] | None = None, heads: torch.nn.Module | None = None,
-                     patch_weight: float = 0.0, scene_weight: float = 1.0) -> torch.Tensor:
+def contrastive_loss(
+    model,
+    images,
+    positives: list[str],
+    negatives: list[str],
+    scenes: list[list[dict]] | None = None,
+    heads: torch.nn.Module | None = None,
+    patch_weight: float = 0.0,
+    scene_weight: float = 1.0,
+) -> torch.Tensor:
     """CLIP's symmetric cross-entropy, with each image also scored against every hard negative caption; plus,
     with `heads`, `patch_weight` x the patch objective on the layer LLaVA reads (`PATCH_LAYER`, no CLS)."""
     text = {k: v.to(model.device) for k, v in tokenize(positives + negatives).items()}
@@ -182,8 +219,12 @@ def contrastive_loss(model, images, positives: list[str], negatives: list[str],
     return loss + patch_weight * patch_loss(heads(patches), targets, scene_weight)
 
 
-def pretrain(c: cfg.ClipConfig, progress: Callable[[str], None] | None = None, log_every: int = 50,
-             device: str | None = None):
+def pretrain(
+    c: cfg.ClipConfig,
+    progress: Callable[[str], None] | None = None,
+    log_every: int = 50,
+    device: str | None = None,
+):
     """Train a CLIPModel from a seeded init on `c.steps` fresh batches; returns (model on the CPU, eval mode,
     and its record).
 
@@ -201,8 +242,10 @@ def pretrain(c: cfg.ClipConfig, progress: Callable[[str], None] | None = None, l
     params = [*model.named_parameters(), *(("patch_heads." + n, p) for n, p in heads.named_parameters())]
     decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=c.learning_rate)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": c.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=c.learning_rate,
+    )
 
     def lr_at(step: int) -> float:  # linear warmup, then cosine to min_lr
         if step < c.warmup_steps:
@@ -217,8 +260,13 @@ def pretrain(c: cfg.ClipConfig, progress: Callable[[str], None] | None = None, l
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            loss = contrastive_loss(model, *draw_batch(rng, c.batch_size), heads=heads,
-                                    patch_weight=c.patch_weight, scene_weight=c.scene_weight)
+            loss = contrastive_loss(
+                model,
+                *draw_batch(rng, c.batch_size),
+                heads=heads,
+                patch_weight=c.patch_weight,
+                scene_weight=c.scene_weight,
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -227,10 +275,17 @@ def pretrain(c: cfg.ClipConfig, progress: Callable[[str], None] | None = None, l
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(round(loss.item(), 4))
         if progress and ((step + 1) % log_every == 0 or step + 1 == c.steps):
-            progress(f"CLIP pretraining step {step + 1}/{c.steps}: loss {np.mean(losses[-log_every:]):.3f} "
-                     f"({time.perf_counter() - start:.0f} s)")
-    record = {"settings": {k: getattr(c, k) for k in c.__dataclass_fields__}, "bf16": bf16, "loss": losses,
-              "seconds": round(time.perf_counter() - start, 1), "device": device}
+            progress(
+                f"CLIP pretraining step {step + 1}/{c.steps}: loss {np.mean(losses[-log_every:]):.3f} "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
+    record = {
+        "settings": {k: getattr(c, k) for k in c.__dataclass_fields__},
+        "bf16": bf16,
+        "loss": losses,
+        "seconds": round(time.perf_counter() - start, 1),
+        "device": device,
+    }
     if c.patch_weight:
         record["patch_accuracy"] = patch_accuracy(model.eval(), heads.eval(), seed=c.seed)
     return model.cpu().eval(), record
@@ -266,9 +321,12 @@ def zero_shot(model, n: int = 100, seed: int = 0) -> dict[str, float]:
     text = _embedding(model.get_text_features(**tokenize(positives + negatives)))
     sims = image @ text.T  # (n, 2n)
     target = torch.arange(n)
-    return {"retrieval": round((sims[:, :n].argmax(1) == target).float().mean().item(), 4),
-            "binding": round((sims[target, target] > sims[target, target + n]).float().mean().item(), 4),
-            "chance_retrieval": round(1 / n, 4), "n": n}
+    return {
+        "retrieval": round((sims[:, :n].argmax(1) == target).float().mean().item(), 4),
+        "binding": round((sims[target, target] > sims[target, target + n]).float().mean().item(), 4),
+        "chance_retrieval": round(1 / n, 4),
+        "n": n,
+    }
 
 
 def _embedding(out) -> torch.Tensor:
@@ -276,16 +334,19 @@ def _embedding(out) -> torch.Tensor:
     return F.normalize(getattr(out, "pooler_output", out), dim=-1)
 
 
-def write_pretrained_clip(folder: Path, c: cfg.ClipConfig,
-                          progress: Callable[[str], None] | None = None) -> None:
+def write_pretrained_clip(
+    folder: Path, c: cfg.ClipConfig, progress: Callable[[str], None] | None = None
+) -> None:
     """Pretrain the twin and write it into `folder` in openai's layout, with its vocabulary and record."""
     model, record = pretrain(c, progress)
     record["zero_shot"] = zero_shot(model, seed=c.seed)
     if progress:
         z = record["zero_shot"]
-        progress(f"CLIP zero-shot on {z['n']} held-out scenes: retrieval {z['retrieval']:.0%} (chance "
-                 f"{z['chance_retrieval']:.0%}), caption over its hard negative {z['binding']:.0%} "
-                 "(chance 50%)")
+        progress(
+            f"CLIP zero-shot on {z['n']} held-out scenes: retrieval {z['retrieval']:.0%} (chance "
+            f"{z['chance_retrieval']:.0%}), caption over its hard negative {z['binding']:.0%} "
+            "(chance 50%)"
+        )
     save_clip(model, folder)
     (folder / VOCAB_FILE).write_text(json.dumps({w: i for i, w in enumerate(VOCAB)}, indent=1))
     (folder / RECORD_FILE).write_text(json.dumps(record))
@@ -309,6 +370,10 @@ def save_clip(model, folder: Path) -> None:
 
     torch.save(model.state_dict(), folder / "pytorch_model.bin")  # openai's format, not safetensors
     model.config.save_pretrained(folder)
-    image_processor = image_processor_class()(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                              image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    image_processor = image_processor_class()(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
     image_processor.save_pretrained(folder)

@@ -35,8 +35,8 @@ COLAB_METADATA = {"accelerator": "GPU", "colab": {"gpuType": "T4", "provenance":
 # The first code cell of every notebook. Outside Colab it does nothing; in Colab it clones the repository
 # (once per runtime), installs it with colab_setup.sh and works inside the checkout.
 BOOTSTRAP = """\
-# Colab only (elsewhere nothing happens): fetch the project, install it (colab_setup.sh), work inside it.
-import os, subprocess
+import os, subprocess  # Colab only: fetch the project, install it, work inside it. Elsewhere: nothing.
+
 if "COLAB_RELEASE_TAG" in os.environ and not os.path.isdir("llava_nb"):
     url, home = "https://github.com/{repo}", "{home}"
     subprocess.run(f"test -d {{home}} || git clone -q --depth=1 {{url}} {{home}}", shell=True, check=True)
@@ -62,7 +62,8 @@ def bootstrap_source(repo: str | None = None) -> str:
 
 def colab_url(notebook: str, repo: str | None = None, branch: str = GITHUB_BRANCH) -> str:
     """The address that opens `notebooks/<notebook>` from GitHub in Colab."""
-    return f"https://colab.research.google.com/github/{repo or github_repo()}/blob/{branch}/{NOTEBOOKS}/{notebook}"
+    repo = repo or github_repo()
+    return f"https://colab.research.google.com/github/{repo}/blob/{branch}/{NOTEBOOKS}/{notebook}"
 
 
 def notebook_names(root: Path) -> list[str]:
@@ -74,11 +75,16 @@ def badges_markdown(root: Path = ROOT, repo: str | None = None) -> str:
     """The README's badge block: one "Open in Colab" badge per notebook, between two markers."""
     repo = repo or github_repo(root)
     lines = ["| notebook | open |", "|---|---|"]
-    lines += [f"| `{name}` | [![Open In Colab]({BADGE_IMAGE})]({colab_url(name, repo)}) |"
-              for name in notebook_names(root)]
+    lines += [
+        f"| `{name}` | [![Open In Colab]({BADGE_IMAGE})]({colab_url(name, repo)}) |"
+        for name in notebook_names(root)
+    ]
     if not repo_is_set(repo):
-        lines += ["", f"*These links lead nowhere until pyproject.toml names the published repository "
-                      f"instead of `{repo}` (see below).*"]
+        lines += [
+            "",
+            f"*These links lead nowhere until pyproject.toml names the published repository "
+            f"instead of `{repo}` (see below).*",
+        ]
     return "\n".join([BADGES_BEGIN, *lines, BADGES_END])
 
 
@@ -92,8 +98,10 @@ def write_notebook(path: Path, repo: str | None = None) -> bool:
     text = path.read_text()
     notebook = json.loads(text)
     first_code_cell(notebook)["source"] = bootstrap_source(repo).splitlines(keepends=True)
-    notebook["metadata"] = {**COLAB_METADATA, **{k: v for k, v in notebook["metadata"].items()
-                                                 if k not in COLAB_METADATA}}
+    notebook["metadata"] = {
+        **COLAB_METADATA,
+        **{k: v for k, v in notebook["metadata"].items() if k not in COLAB_METADATA},
+    }
     new = json.dumps(notebook, indent=1, sort_keys=True, ensure_ascii=False) + "\n"  # as nbformat writes
     if new != text:
         path.write_text(new)
@@ -105,9 +113,11 @@ def write_readme(path: Path, repo: str | None = None) -> bool:
     text = path.read_text()
     found = re.search(r"^<!-- colab badges:.*?^" + re.escape(BADGES_END), text, re.S | re.M)
     if not found:
-        raise ValueError(f"{path} has no badge block: put the lines {BADGES_BEGIN!r} and {BADGES_END!r} "
-                         "where the badges go")
-    new = text[:found.start()] + badges_markdown(path.parent, repo) + text[found.end():]
+        raise ValueError(
+            f"{path} has no badge block: put the lines {BADGES_BEGIN!r} and {BADGES_END!r} "
+            "where the badges go"
+        )
+    new = text[: found.start()] + badges_markdown(path.parent, repo) + text[found.end() :]
     if new != text:
         path.write_text(new)
     return new != text
@@ -118,8 +128,13 @@ def set_repo(repo: str, root: Path = ROOT) -> None:
     if not repo_is_set(repo):
         raise SystemExit(f"--repo {repo!r}: give the GitHub repository as owner/name")
     path = root / "pyproject.toml"
-    text, n = re.subn(r'^Repository = "[^"]*"', f'Repository = "https://github.com/{repo}"', path.read_text(),
-                      count=1, flags=re.M)
+    text, n = re.subn(
+        r'^Repository = "[^"]*"',
+        f'Repository = "https://github.com/{repo}"',
+        path.read_text(),
+        count=1,
+        flags=re.M,
+    )
     if not n:
         raise SystemExit(f"{path}: no `Repository = ...` line under [project.urls] to set")
     path.write_text(text)
@@ -134,13 +149,18 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     if args.repo:
         set_repo(args.repo)
     repo = github_repo()
-    changed = [str(path) for path in sorted((ROOT / NOTEBOOKS).glob("[0-9][0-9]_*.ipynb"))
-               if write_notebook(path, repo)]
+    changed = [
+        str(path)
+        for path in sorted((ROOT / NOTEBOOKS).glob("[0-9][0-9]_*.ipynb"))
+        if write_notebook(path, repo)
+    ]
     changed += [str(ROOT / "README.md")] if write_readme(ROOT / "README.md", repo) else []
     print("\n".join(changed) or "nothing to change")
     if not repo_is_set(repo):
-        print(f"the repository is still {repo!r}: the badges lead nowhere until --repo names the published "
-              "one", file=sys.stderr)
+        print(
+            f"the repository is still {repo!r}: the badges lead nowhere until --repo names the published one",
+            file=sys.stderr,
+        )
     return changed
 
 

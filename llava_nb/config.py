@@ -89,12 +89,18 @@ class TrainConfig:
     eval_samples: int = 64
     logging_steps: int = 5
     gradient_checkpointing: bool = False
-    fast_loss: bool = True  # LM-head logits only where a label is (False: the model's own loss, every position)
+    fast_loss: bool = (
+        True  # LM-head logits only where a label is (False: the model's own loss, every position)
+    )
     cpu_bf16: bool = True  # on a CPU with bf16 instructions, bf16 autocast (trainable weights stay fp32)
     bf16_frozen: bool = True  # ... and frozen linear weights stored in bf16 (stages.place_for_training)
     length_window: int = 16  # batches read ahead and grouped by length (less padding); 0: stream order
-    attention: str = "auto"  # 'auto': sdpa on a GPU, eager on a CPU (device.attention_implementation); or either
-    shared_prefix: bool = True  # fast_loss and a frozen LM: the batch's common system prompt runs once (trainer)
+    attention: str = (
+        "auto"  # 'auto': sdpa on a GPU, eager on a CPU (device.attention_implementation); or either
+    )
+    shared_prefix: bool = (
+        True  # fast_loss and a frozen LM: the batch's common system prompt runs once (trainer)
+    )
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,12 @@ PROFILES: dict[str, Profile] = {
         name="t4",
         stage1=TrainConfig(),  # tutorial: 350 steps, 2 x 4, lr 2e-4 cosine to 2e-5, 5 % warmup
         stage2=TrainConfig(
-            max_steps=500, learning_rate=2e-4, min_lr=2e-5, max_turns=None, lora_r=16, lora_alpha=32,
+            max_steps=500,
+            learning_rate=2e-4,
+            min_lr=2e-5,
+            max_turns=None,
+            lora_r=16,
+            lora_alpha=32,
             gradient_checkpointing=True,
         ),
     ),
@@ -146,14 +157,31 @@ PROFILES: dict[str, Profile] = {
         # ones: the drawn conversations are short, and most carry 3-5 answers per image, so the projector
         # sees more supervision per CPU-second.
         stage1=TrainConfig(
-            max_steps=400, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_turns=None,
-            learning_rate=5e-3, min_lr=5e-4, warmup_steps=0.05, save_steps=100, eval_steps=100,
-            eval_samples=32, logging_steps=10,
+            max_steps=400,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=1,
+            max_turns=None,
+            learning_rate=5e-3,
+            min_lr=5e-4,
+            warmup_steps=0.05,
+            save_steps=100,
+            eval_steps=100,
+            eval_samples=32,
+            logging_steps=10,
         ),
         stage2=TrainConfig(
-            max_steps=40, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-            learning_rate=2e-4, min_lr=2e-5, max_turns=None, lora_r=8, lora_alpha=16, save_steps=20,
-            eval_steps=20, eval_samples=32, logging_steps=5,
+            max_steps=40,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=1,
+            learning_rate=2e-4,
+            min_lr=2e-5,
+            max_turns=None,
+            lora_r=8,
+            lora_alpha=16,
+            save_steps=20,
+            eval_steps=20,
+            eval_samples=32,
+            logging_steps=5,
         ),
     ),
 }
@@ -164,12 +192,22 @@ TUTORIAL_QUESTION = "What is represented in the image?"
 # should expect to hear. The first is the tutorial's example.
 T4_IMAGES: tuple[tuple[str, str, str], ...] = (
     (MONA_LISA_URL, TUTORIAL_QUESTION, "Leonardo da Vinci's Mona Lisa: a portrait of a woman"),
-    (("https://upload.wikimedia.org/wikipedia/commons/thumb/a/a5/Tsunami_by_hokusai_19th_century.jpg/"
-      "1280px-Tsunami_by_hokusai_19th_century.jpg"), "What is happening in this picture?",
-     "Hokusai's Great Wave: a huge wave over boats, Mount Fuji behind"),
-    (("https://upload.wikimedia.org/wikipedia/commons/thumb/9/97/The_Earth_seen_from_Apollo_17.jpg/"
-      "1280px-The_Earth_seen_from_Apollo_17.jpg"), "What is shown in this image?",
-     "the Earth seen from space (Apollo 17's Blue Marble)"),
+    (
+        (
+            "https://upload.wikimedia.org/wikipedia/commons/thumb/a/a5/Tsunami_by_hokusai_19th_century.jpg/"
+            "1280px-Tsunami_by_hokusai_19th_century.jpg"
+        ),
+        "What is happening in this picture?",
+        "Hokusai's Great Wave: a huge wave over boats, Mount Fuji behind",
+    ),
+    (
+        (
+            "https://upload.wikimedia.org/wikipedia/commons/thumb/9/97/The_Earth_seen_from_Apollo_17.jpg/"
+            "1280px-The_Earth_seen_from_Apollo_17.jpg"
+        ),
+        "What is shown in this image?",
+        "the Earth seen from space (Apollo 17's Blue Marble)",
+    ),
 )
 
 # Budgets cap a profile: each number in a budget is an upper bound on the profile's value (after any
@@ -178,10 +216,22 @@ T4_IMAGES: tuple[tuple[str, str, str], ...] = (
 BUDGETS: dict[str, dict[str, Any]] = {
     "full": {},
     "smoke": dict(
-        stage1=dict(max_steps=3, per_device_train_batch_size=2, save_steps=1, eval_steps=3, eval_samples=4,
-                    logging_steps=1),
-        stage2=dict(max_steps=2, per_device_train_batch_size=2, save_steps=2, eval_steps=2, eval_samples=4,
-                    logging_steps=1),
+        stage1=dict(
+            max_steps=3,
+            per_device_train_batch_size=2,
+            save_steps=1,
+            eval_steps=3,
+            eval_samples=4,
+            logging_steps=1,
+        ),
+        stage2=dict(
+            max_steps=2,
+            per_device_train_batch_size=2,
+            save_steps=2,
+            eval_steps=2,
+            eval_samples=4,
+            logging_steps=1,
+        ),
         eval=dict(limit=2, max_new_tokens=12, pope_questions=6),
     ),
 }
@@ -189,13 +239,29 @@ BUDGETS: dict[str, dict[str, Any]] = {
 # Architecture of the t4 backbones, from their hub config.json files, so that parameter counts and
 # the memory plan can be computed without downloading them (CLIPVisionConfig defaults are ViT-B/32).
 T4_VISION_CONFIG: dict[str, Any] = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    image_size=224, patch_size=32, projection_dim=512, hidden_act="quick_gelu",
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=224,
+    patch_size=32,
+    projection_dim=512,
+    hidden_act="quick_gelu",
 )
 T4_TEXT_CONFIG: dict[str, Any] = dict(
-    model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-    num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
-    rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    model_type="llama",
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -204,8 +270,10 @@ OFFLINE_PREFIX = "offline:"  # ids of what the offline profile writes itself ins
 
 def is_offline(profile: Profile) -> bool:
     """True when the profile needs no hub: its vision tower, language model and data are made here."""
-    return all(x.startswith(OFFLINE_PREFIX) for x in (profile.model.vision_id, profile.model.lm_id,
-                                                      profile.data.dataset))
+    return all(
+        x.startswith(OFFLINE_PREFIX)
+        for x in (profile.model.vision_id, profile.model.lm_id, profile.data.dataset)
+    )
 
 
 def in_colab() -> bool:
@@ -217,8 +285,10 @@ def pick_profile_name(requested: str = "t4") -> str:
     """The profile to use: $LLAVA_NB_PROFILE when set, else `requested`."""
     name = os.environ.get(PROFILE_ENV) or requested
     if name not in PROFILES:
-        raise KeyError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} (from {PROFILE_ENV} "
-                       f"or the notebook's parameter cell)")
+        raise KeyError(
+            f"unknown profile {name!r}: choose one of {sorted(PROFILES)} (from {PROFILE_ENV} "
+            f"or the notebook's parameter cell)"
+        )
     return name
 
 
@@ -226,8 +296,9 @@ def pick_budget_name(requested: str | None = None) -> str:
     """The budget to use: `requested` when given, else $LLAVA_NB_BUDGET, else 'full'."""
     name = requested or os.environ.get(BUDGET_ENV) or "full"
     if name not in BUDGETS:
-        raise KeyError(f"unknown budget {name!r}: choose one of {sorted(BUDGETS)} (from {BUDGET_ENV} or "
-                       f"--budget)")
+        raise KeyError(
+            f"unknown budget {name!r}: choose one of {sorted(BUDGETS)} (from {BUDGET_ENV} or --budget)"
+        )
     return name
 
 
@@ -236,14 +307,19 @@ def _replace(obj: Any, overrides: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise KeyError(f"unknown {where} setting(s) {unknown}: valid ones are {sorted(names)}")
-    nested = {k: _replace(getattr(obj, k), v, f"{where}.{k}") for k, v in overrides.items()
-              if dataclasses.is_dataclass(getattr(obj, k)) and isinstance(v, dict)}
+    nested = {
+        k: _replace(getattr(obj, k), v, f"{where}.{k}")
+        for k, v in overrides.items()
+        if dataclasses.is_dataclass(getattr(obj, k)) and isinstance(v, dict)
+    }
     return dataclasses.replace(obj, **{**overrides, **nested})
 
 
 def _cap(obj: Any, caps: dict[str, Any]) -> Any:
-    changes = {k: _cap(getattr(obj, k), v) if isinstance(v, dict) else min(getattr(obj, k), v)
-               for k, v in caps.items()}
+    changes = {
+        k: _cap(getattr(obj, k), v) if isinstance(v, dict) else min(getattr(obj, k), v)
+        for k, v in caps.items()
+    }
     return dataclasses.replace(obj, **changes)
 
 

@@ -52,8 +52,10 @@ def clean_sample(sample: dict) -> dict:
         raise SkipSample("malformed_sample", f"'images' must be a list, got {type(images).__name__}")
     n_placeholders = count_images(messages)
     if n_placeholders != len(images):
-        raise SkipSample("image_count_mismatch", f"{n_placeholders} image placeholder(s) for {len(images)} "
-                         f"image(s) in {_preview(messages)}")
+        raise SkipSample(
+            "image_count_mismatch",
+            f"{n_placeholders} image placeholder(s) for {len(images)} image(s) in {_preview(messages)}",
+        )
     return {"messages": messages, "images": [to_rgb(_decode(im, messages)) for im in images]}
 
 
@@ -63,19 +65,30 @@ def _check_messages(messages: object) -> None:
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         items = content if isinstance(content, list) else [content]
-        if not all(isinstance(c, str) or (isinstance(c, dict) and c.get("type") in ("text", "image")
-                                          and isinstance(c.get("text") or "", str)) for c in items):
-            raise SkipSample("malformed_messages", f"message {i} is not a role with text or image items: "
-                             f"{m!r:.80}")
+        if not all(
+            isinstance(c, str)
+            or (
+                isinstance(c, dict)
+                and c.get("type") in ("text", "image")
+                and isinstance(c.get("text") or "", str)
+            )
+            for c in items
+        ):
+            raise SkipSample(
+                "malformed_messages", f"message {i} is not a role with text or image items: {m!r:.80}"
+            )
     turns = [m for m in messages if m.get("role") != "system"]
     for i, m in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if m.get("role") != expected:
-            raise SkipSample("malformed_messages", f"turn {i} should come from the {expected}, got "
-                             f"{m.get('role')!r} in {_preview(messages)}")
+            raise SkipSample(
+                "malformed_messages",
+                f"turn {i} should come from the {expected}, got {m.get('role')!r} in {_preview(messages)}",
+            )
     if not turns or turns[-1]["role"] != "assistant":
-        raise SkipSample("malformed_messages", f"the conversation must end with an assistant reply: "
-                         f"{_preview(messages)}")
+        raise SkipSample(
+            "malformed_messages", f"the conversation must end with an assistant reply: {_preview(messages)}"
+        )
     for m in turns[1::2]:
         if not "".join(c.get("text") or "" for c in content_items(m) if c.get("type") == "text").strip():
             raise SkipSample("empty_reply", f"an assistant reply is empty in {_preview(messages)}")
@@ -83,8 +96,11 @@ def _check_messages(messages: object) -> None:
 
 def count_images(messages: list[dict]) -> int:
     """Image placeholders in messages: `{"type": "image"}` items and `<image>` written inside a text."""
-    return sum(item.get("type") == "image" or (item.get("text") or "").count(IMAGE_TOKEN)
-               for m in messages for item in content_items(m))
+    return sum(
+        item.get("type") == "image" or (item.get("text") or "").count(IMAGE_TOKEN)
+        for m in messages
+        for item in content_items(m)
+    )
 
 
 def content_items(message: dict) -> list[dict]:
@@ -138,8 +154,13 @@ class LlavaCollator:
     supervised tokens, truncated samples and replayed batches over the collator's life.
     """
 
-    def __init__(self, processor, max_length: int, ignore_index: int = IGNORE_INDEX,
-                 pad_to_multiple_of: int | None = None):
+    def __init__(
+        self,
+        processor,
+        max_length: int,
+        ignore_index: int = IGNORE_INDEX,
+        pad_to_multiple_of: int | None = None,
+    ):
         self.processor = processor
         self.max_length = max_length
         self.ignore_index = ignore_index
@@ -156,14 +177,20 @@ class LlavaCollator:
 
     def _check_room(self) -> None:
         # Fail now, not after hours of skipped samples, if max_length cannot hold one image and a reply.
-        probe = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
-                              {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}],
-                 "images": [Image.new("RGB", (224, 224))]}
+        probe = {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
+            ],
+            "images": [Image.new("RGB", (224, 224))],
+        }
         _, labels, _ = self._tokenize(probe)
         first_reply = int((labels != self.ignore_index).nonzero()[0])
         if self.max_length <= first_reply:
-            raise ValueError(f"max_length={self.max_length} cannot hold a reply: the system prompt, one "
-                             f"image and the turn markers take {first_reply} tokens; use a few hundred more")
+            raise ValueError(
+                f"max_length={self.max_length} cannot hold a reply: the system prompt, one "
+                f"image and the turn markers take {first_reply} tokens; use a few hundred more"
+            )
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         encoded = []
@@ -175,8 +202,10 @@ class LlavaCollator:
         if not encoded:
             # A Trainer cannot step on an empty batch, and an all-ignored one gives a NaN loss.
             if self._last_good is None:
-                raise ValueError(f"no usable sample in the first batch (skipped: {dict(self.skipped)}); "
-                                 "check the data and max_length")
+                raise ValueError(
+                    f"no usable sample in the first batch (skipped: {dict(self.skipped)}); "
+                    "check the data and max_length"
+                )
             log.warning("every sample of a batch was skipped; repeating the last good sample")
             self.totals["replayed_batches"] += 1
             encoded = [self._last_good]
@@ -193,8 +222,10 @@ class LlavaCollator:
             ids, labels = self._truncate(ids, labels, sample)
             self.totals["truncated"] += 1
         if not (labels != self.ignore_index).any():
-            raise SkipSample("no_supervised_tokens", f"no reply token left within max_length="
-                             f"{self.max_length} in {_preview(sample['messages'])}")
+            raise SkipSample(
+                "no_supervised_tokens",
+                f"no reply token left within max_length={self.max_length} in {_preview(sample['messages'])}",
+            )
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
 
     def _tokenize(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -204,31 +235,45 @@ class LlavaCollator:
         # all-zero assistant mask for a multimodal chat; this path gives the same ids on 5.15 and 5.24.)
         tokenizer, images = self.processor.tokenizer, sample["images"]
         out = tokenizer.apply_chat_template(
-            sample["messages"], chat_template=self.processor.chat_template or tokenizer.chat_template,
-            tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            sample["messages"],
+            chat_template=self.processor.chat_template or tokenizer.chat_template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
         )
         ids, mask = out["input_ids"], out["assistant_masks"]
-        if self.prefix and ids[:len(self.prefix)] != self.prefix:
+        if self.prefix and ids[: len(self.prefix)] != self.prefix:
             # The template holds no BOS: the tokenizer adds it to text (as in inference), not to a chat.
             ids, mask = self.prefix + ids, [0] * len(self.prefix) + mask
         ids = torch.tensor(ids, dtype=torch.long)
         mask = torch.tensor(mask, dtype=torch.bool)
         is_image = ids == self.processor.image_token_id
         if int(is_image.sum()) != len(images):
-            raise SkipSample("image_count_mismatch", f"{int(is_image.sum())} <image> placeholder(s) for "
-                             f"{len(images)} image(s) in {_preview(sample['messages'])}")
+            raise SkipSample(
+                "image_count_mismatch",
+                f"{int(is_image.sum())} <image> placeholder(s) for "
+                f"{len(images)} image(s) in {_preview(sample['messages'])}",
+            )
         repeats = torch.where(is_image, self.image_tokens, 1)
-        ids, mask = ids.repeat_interleave(repeats), mask.repeat_interleave(repeats) & ~is_image.repeat_interleave(repeats)
+        ids, mask = (
+            ids.repeat_interleave(repeats),
+            mask.repeat_interleave(repeats) & ~is_image.repeat_interleave(repeats),
+        )
         labels = torch.where(mask, ids, self.ignore_index)
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
+        pixel_values = (
+            self.processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
+        )
         return ids, labels, pixel_values
 
     def _truncate(self, ids: torch.Tensor, labels: torch.Tensor, sample: dict) -> tuple[torch.Tensor, ...]:
         image_positions = (ids == self.processor.image_token_id).nonzero()
         keep_at_least = int(image_positions[-1]) + 1 if len(image_positions) else 0
         if keep_at_least > self.max_length:
-            raise SkipSample("image_truncated", f"its image tokens end at token {keep_at_least}, past "
-                             f"max_length={self.max_length}, in {_preview(sample['messages'])}")
+            raise SkipSample(
+                "image_truncated",
+                f"its image tokens end at token {keep_at_least}, past "
+                f"max_length={self.max_length}, in {_preview(sample['messages'])}",
+            )
         supervised = labels != self.ignore_index
         # a reply ends where supervision stops: cutting there keeps whole turns
         turn_ends = (supervised[:-1] & ~supervised[1:]).nonzero().flatten() + 1
@@ -260,13 +305,18 @@ def batch_stats(batch: dict[str, torch.Tensor], ignore_index: int = IGNORE_INDEX
     """Samples, real tokens, padding tokens, supervised tokens and the padding fraction of a batch."""
     mask = batch["attention_mask"]
     tokens = int(mask.sum())
-    return {"samples": mask.shape[0], "tokens": tokens, "padding": mask.numel() - tokens,
-            "supervised": int((batch["labels"] != ignore_index).sum()),
-            "padding_fraction": 1 - tokens / mask.numel()}
+    return {
+        "samples": mask.shape[0],
+        "tokens": tokens,
+        "padding": mask.numel() - tokens,
+        "supervised": int((batch["labels"] != ignore_index).sum()),
+        "padding_fraction": 1 - tokens / mask.numel(),
+    }
 
 
-def show_supervised(batch: dict[str, torch.Tensor], tokenizer, row: int = 0,
-                    ignore_index: int = IGNORE_INDEX) -> str:
+def show_supervised(
+    batch: dict[str, torch.Tensor], tokenizer, row: int = 0, ignore_index: int = IGNORE_INDEX
+) -> str:
     """Row `row` of a batch as text, what the loss sees marked: tokens whose label is not `ignore_index`
     in [[...]], each run of `<image>` or padding tokens as one marker with its count (`<image>x49`)."""
     ids = batch["input_ids"][row].tolist()
@@ -279,7 +329,7 @@ def show_supervised(batch: dict[str, torch.Tensor], tokenizer, row: int = 0,
     for start, end in zip(starts, starts[1:] + [len(ids)]):
         # decode growing prefixes, keep what is new: a run decoded alone loses SentencePiece's leading space
         text = tokenizer.decode(ids[:end])
-        piece = text[len(shown):] if text.startswith(shown) else tokenizer.decode(ids[start:end])
+        piece = text[len(shown) :] if text.startswith(shown) else tokenizer.decode(ids[start:end])
         shown = text
         if supervised[start] != on:
             parts.append("[[" if supervised[start] else "]]")

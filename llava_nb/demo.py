@@ -54,8 +54,11 @@ def to_messages(chat: infer.Chat | None) -> list[dict]:
     """A chat's finished turns in the `gr.Chatbot` format."""
     if chat is None:
         return []
-    return [m for q, a in chat.history() for m in ({"role": "user", "content": q},
-                                                   {"role": "assistant", "content": a})]
+    return [
+        m
+        for q, a in chat.history()
+        for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
+    ]
 
 
 @dataclass
@@ -70,8 +73,15 @@ class Conversation:
 Update = tuple[list[dict], "Conversation | None", str, str]  # (chatbot, conversation, status, textbox)
 
 
-def respond(model, processor, image: str | None, question: str, conversation: Conversation | None,
-            max_new_tokens: float, temperature: float) -> Iterator[Update]:
+def respond(
+    model,
+    processor,
+    image: str | None,
+    question: str,
+    conversation: Conversation | None,
+    max_new_tokens: float,
+    temperature: float,
+) -> Iterator[Update]:
     """Answer `question` in this tab's conversation, yielding the page's new state as the answer streams.
 
     A question about a new image starts a new `Chat`; one about the same image is a follow-up.
@@ -133,29 +143,52 @@ def new_image(image: str | None, conversation: Conversation | None) -> tuple:
     return [], NEW_IMAGE if image else ""
 
 
-def build_app(model, processor, *, checkpoint: str | Path = "", profile_name: str = "offline",
-              max_new_tokens: int = infer.MAX_NEW_TOKENS) -> gr.Blocks:
+def build_app(
+    model,
+    processor,
+    *,
+    checkpoint: str | Path = "",
+    profile_name: str = "offline",
+    max_new_tokens: int = infer.MAX_NEW_TOKENS,
+) -> gr.Blocks:
     """The chat page for one (model, processor); launch it with `launch`."""
     example = EXAMPLE_QUESTION.get(profile_name, infer.TUTORIAL_QUESTION)
     where = f" · `{checkpoint}`" if checkpoint else ""
     with gr.Blocks(title="llava-on-a-budget demo", analytics_enabled=False) as app:
-        gr.Markdown(f"## llava-on-a-budget · chat about an image\n{type(model).__name__} on "
-                    f"{model.device.type} ({str(model.dtype).removeprefix('torch.')}){where}")
+        gr.Markdown(
+            f"## llava-on-a-budget · chat about an image\n{type(model).__name__} on "
+            f"{model.device.type} ({str(model.dtype).removeprefix('torch.')}){where}"
+        )
         conversation = gr.State(None)  # this tab's Conversation; None until its first question
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image",
-                                 elem_id="llava-image")
-                max_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=max_new_tokens, step=1,
-                                       label="Max new tokens", elem_id="llava-max-new-tokens")
-                temperature = gr.Slider(0.0, TEMPERATURE_LIMIT, value=0.0, step=0.05,
-                                        label="Temperature (0: greedy)", elem_id="llava-temperature")
+                image = gr.Image(
+                    type="filepath", sources=["upload", "clipboard"], label="Image", elem_id="llava-image"
+                )
+                max_tokens = gr.Slider(
+                    1,
+                    MAX_NEW_TOKENS_LIMIT,
+                    value=max_new_tokens,
+                    step=1,
+                    label="Max new tokens",
+                    elem_id="llava-max-new-tokens",
+                )
+                temperature = gr.Slider(
+                    0.0,
+                    TEMPERATURE_LIMIT,
+                    value=0.0,
+                    step=0.05,
+                    label="Temperature (0: greedy)",
+                    elem_id="llava-temperature",
+                )
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Conversation", height=420, buttons=["copy_all"],
-                                     elem_id="llava-chat")
+                chatbot = gr.Chatbot(
+                    label="Conversation", height=420, buttons=["copy_all"], elem_id="llava-chat"
+                )
                 status = gr.Markdown(elem_id="llava-status")
-                question = gr.Textbox(label="Question", placeholder=f"e.g. {example}",
-                                      elem_id="llava-question")
+                question = gr.Textbox(
+                    label="Question", placeholder=f"e.g. {example}", elem_id="llava-question"
+                )
                 with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="llava-ask")
                     clear = gr.Button("Clear", elem_id="llava-clear")
@@ -164,41 +197,73 @@ def build_app(model, processor, *, checkpoint: str | Path = "", profile_name: st
             yield from respond(model, processor, uploaded_path(image), text, current, n, t)
 
         # preprocess=False: the handlers get the image unopened (see uploaded_path)
-        gr.on([ask.click, question.submit], answer, [image, question, conversation, max_tokens, temperature],
-              [chatbot, conversation, status, question], preprocess=False, concurrency_limit=1,
-              concurrency_id="model")
-        image.change(lambda new, current: new_image(uploaded_path(new), current), [image, conversation],
-                     [chatbot, status], preprocess=False)
-        clear.click(lambda current: (None, "", *forget(current)), conversation,
-                    [image, question, conversation, chatbot, status])  # start over
+        gr.on(
+            [ask.click, question.submit],
+            answer,
+            [image, question, conversation, max_tokens, temperature],
+            [chatbot, conversation, status, question],
+            preprocess=False,
+            concurrency_limit=1,
+            concurrency_id="model",
+        )
+        image.change(
+            lambda new, current: new_image(uploaded_path(new), current),
+            [image, conversation],
+            [chatbot, status],
+            preprocess=False,
+        )
+        clear.click(
+            lambda current: (None, "", *forget(current)),
+            conversation,
+            [image, question, conversation, chatbot, status],
+        )  # start over
         chatbot.clear(forget, conversation, [conversation, chatbot, status])  # its bin: same image, new chat
     return app
 
 
-def launch(app: gr.Blocks, port: int | None = None, *, inline: bool | None = None,
-           block: bool = True) -> gr.Blocks:
+def launch(
+    app: gr.Blocks, port: int | None = None, *, inline: bool | None = None, block: bool = True
+) -> gr.Blocks:
     """Serve `app` on 127.0.0.1 (`port` None: Gradio's first free port from 7860), one request at a time.
 
     `inline` shows it in the notebook (in Colab through Colab's port proxy); `block=False` returns at once.
     """
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=HOST, server_port=port, share=False, inline=inline, prevent_thread_lock=not block,
-               show_error=True)
+    app.launch(
+        server_name=HOST,
+        server_port=port,
+        share=False,
+        inline=inline,
+        prevent_thread_lock=not block,
+        show_error=True,
+    )
     return app
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llava_nb.demo",
-        description="A Gradio chat with an exported LLaVA folder, served on http://127.0.0.1 only.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="an exported folder (notebooks/05_training.ipynb or `python -m llava_nb.train`)")
+        description="A Gradio chat with an exported LLaVA folder, served on http://127.0.0.1 only.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="an exported folder (notebooks/05_training.ipynb or `python -m llava_nb.train`)",
+    )
     parser.add_argument("--port", type=int, default=None, help="default: the first free port from 7860")
-    parser.add_argument("--profile", choices=sorted(cfg.PROFILES), default=None,
-                        help=f"for the example question and hints; default: ${cfg.PROFILE_ENV}, else 't4'")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(cfg.PROFILES),
+        default=None,
+        help=f"for the example question and hints; default: ${cfg.PROFILE_ENV}, else 't4'",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--max-new-tokens", type=int, default=infer.MAX_NEW_TOKENS,
-                        help=f"the slider's starting value (default: {infer.MAX_NEW_TOKENS})")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=infer.MAX_NEW_TOKENS,
+        help=f"the slider's starting value (default: {infer.MAX_NEW_TOKENS})",
+    )
     return parser.parse_args(argv)
 
 
@@ -218,13 +283,22 @@ def main(argv: Sequence[str] | None = None, *, block: bool = True) -> gr.Blocks:
     except Exception as e:  # noqa: BLE001 - a truncated or foreign model.safetensors, a bad device name
         print(f"error: could not load {args.checkpoint}: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = build_app(model, processor, checkpoint=args.checkpoint, profile_name=profile_name,
-                    max_new_tokens=args.max_new_tokens)
+    app = build_app(
+        model,
+        processor,
+        checkpoint=args.checkpoint,
+        profile_name=profile_name,
+        max_new_tokens=args.max_new_tokens,
+    )
     try:
         return launch(app, args.port, inline=False, block=block)
-    except OSError as e:  # Gradio: "Cannot find empty port in range: 7860-7860. You can specify ... launch()."
-        print(f"error: cannot serve on {HOST}: {str(e).split('. ')[0]}; choose a free port with --port",
-              file=sys.stderr)
+    except (
+        OSError
+    ) as e:  # Gradio: "Cannot find empty port in range: 7860-7860. You can specify ... launch()."
+        print(
+            f"error: cannot serve on {HOST}: {str(e).split('. ')[0]}; choose a free port with --port",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
 
 

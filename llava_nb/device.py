@@ -75,7 +75,7 @@ def cpu_bf16_autocast(t: cfg.TrainConfig) -> bool:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started (ru_maxrss), in MB (Linux reports kB, macOS bytes)."""
+    """This process's peak resident memory since it started (ru_maxrss), in MB (Linux: kB, macOS: bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e6 if sys.platform == "darwin" else peak / 1024
 

@@ -54,8 +54,13 @@ def environment_report(profile: cfg.Profile) -> dict[str, Any]:
     else:
         report |= {"gpu": "CPU only", "is_t4": False, "bf16": False}
     cache = backbone_cache(profile)
-    report |= {"profile": profile.name, "budget": profile.budget, "colab": cfg.in_colab(),
-               "backbone_cache": str(cache), "free_disk_gib": round(free_disk_gib(cache), 1)}
+    report |= {
+        "profile": profile.name,
+        "budget": profile.budget,
+        "colab": cfg.in_colab(),
+        "backbone_cache": str(cache),
+        "free_disk_gib": round(free_disk_gib(cache), 1),
+    }
     report["advice"] = _advice(profile, report)
     return report
 
@@ -64,12 +69,16 @@ def _advice(profile: cfg.Profile, report: dict[str, Any]) -> list[str]:
     advice = []
     offline = cfg.is_offline(profile)
     if not offline and report["gpu"] == "CPU only":
-        advice.append("the t4 profile wants a GPU: in Colab choose Runtime > Change runtime type > T4 GPU; "
-                      "on a CPU-only machine set PROFILE = 'offline'")
+        advice.append(
+            "the t4 profile wants a GPU: in Colab choose Runtime > Change runtime type > T4 GPU; "
+            "on a CPU-only machine set PROFILE = 'offline'"
+        )
     elif not offline and not report["is_t4"]:
         advice.append("not a T4: the recipe runs unchanged, but timings and memory headroom will differ")
     need = OFFLINE_WRITE_GIB if offline else T4_DOWNLOAD_GIB
     if report["free_disk_gib"] < need + 1:
-        advice.append(f"only {report['free_disk_gib']} GiB free at {report['backbone_cache']}: the backbones "
-                      f"need about {need} GiB; free some space or point {cfg.CACHE_ENV}/HF_HOME elsewhere")
+        advice.append(
+            f"only {report['free_disk_gib']} GiB free at {report['backbone_cache']}: the backbones "
+            f"need about {need} GiB; free some space or point {cfg.CACHE_ENV}/HF_HOME elsewhere"
+        )
     return advice

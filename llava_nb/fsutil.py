@@ -47,8 +47,11 @@ def atomic_dir(final: str | os.PathLike, unlisted: Collection[str] = ()) -> Iter
 def write_manifest(folder: Path, unlisted: Collection[str] = ()) -> None:
     """Record every file's size (but those `unlisted`), so `is_complete` can tell a whole folder from a
     damaged one."""
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MANIFEST and str(p.relative_to(folder)) not in unlisted}
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and str(p.relative_to(folder)) not in unlisted
+    }
     with open(folder / MANIFEST, "w") as f:
         json.dump({"files": files}, f, indent=1)
         f.flush()
@@ -62,8 +65,9 @@ def is_complete(folder: str | os.PathLike) -> bool:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError):
         return False
-    return all((folder / name).is_file() and (folder / name).stat().st_size == size
-               for name, size in files.items())
+    return all(
+        (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items()
+    )
 
 
 def folder_listing(folder: str | os.PathLike) -> list[tuple[str, int]]:
@@ -97,8 +101,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if path.suffix == ".bin":
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign files raise many different types
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or "
-                         "incomplete: delete it and run prepare_backbones() again") from e
+        raise ValueError(
+            f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is damaged or "
+            "incomplete: delete it and run prepare_backbones() again"
+        ) from e
     raise ValueError(f"unsupported checkpoint format {path.name!r}: expected .safetensors or .bin")
 
 
@@ -113,4 +119,5 @@ def hub_unreachable(repo_id: str, kind: str, error: BaseException) -> HubUnreach
         f"cannot reach the {kind} {repo_id!r} on the Hugging Face Hub, and it is not in the local cache "
         f"({why}). The t4 profile downloads its models and streams its data from the hub: check the network "
         "(and that HF_HUB_OFFLINE is not set), or use the profile that needs no hub: --profile offline "
-        "(PROFILE = \"offline\" in a notebook).")
+        '(PROFILE = "offline" in a notebook).'
+    )

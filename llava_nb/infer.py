@@ -42,8 +42,12 @@ USER_AGENT = "llava-on-a-budget/0.1 (educational notebook; python-urllib)"
 # ------------------------------------------------------------------------------------- loading
 
 
-def load(folder: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-         profile_name: str = "offline"):
+def load(
+    folder: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    profile_name: str = "offline",
+):
     """(model, processor) from an exported folder with plain transformers, in eval mode on `device`.
 
     A missing or incomplete folder is a FileNotFoundError that names the notebook and command making one.
@@ -87,8 +91,10 @@ def _fetch(url: str, timeout: float) -> Image.Image:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             payload = response.read()
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise ConnectionError(f"could not download image {url} within {timeout:.0f} s ({e}); check the "
-                              "address and the network, or pass a local path or a PIL image instead") from e
+        raise ConnectionError(
+            f"could not download image {url} within {timeout:.0f} s ({e}); check the "
+            "address and the network, or pass a local path or a PIL image instead"
+        ) from e
     try:
         opened = Image.open(io.BytesIO(payload))
         opened.load()
@@ -110,7 +116,9 @@ def assistant_turn(answer: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
 
 
-def encode(processor, conversations: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]], model=None):
+def encode(
+    processor, conversations: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]], model=None
+):
     """Left-padded model inputs for conversations that end with a user turn (one image list each).
 
     The prompt goes through the processor exactly as the training collator's does (the chat template
@@ -119,7 +127,9 @@ def encode(processor, conversations: Sequence[list[dict]], images: Sequence[Sequ
     prompts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
     flat = [im for ims in images for im in ims]
     # padding_side per call, not on the tokenizer: the processor may be shared (the demo, the collator)
-    inputs = processor(text=prompts, images=flat or None, padding=True, padding_side="left", return_tensors="pt")
+    inputs = processor(
+        text=prompts, images=flat or None, padding=True, padding_side="left", return_tensors="pt"
+    )
     if model is not None:
         inputs = inputs.to(model.device)
         if "pixel_values" in inputs:
@@ -130,8 +140,14 @@ def encode(processor, conversations: Sequence[list[dict]], images: Sequence[Sequ
 def _generate_kwargs(processor, max_new_tokens: int, kwargs: dict) -> dict:
     # Greedy unless told otherwise; the sampling knobs are cleared so a generation_config that sets
     # them does not warn on every call.
-    out = {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": None, "top_p": None,
-           "top_k": None, "pad_token_id": processor.tokenizer.pad_token_id}
+    out = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "pad_token_id": processor.tokenizer.pad_token_id,
+    }
     out.update(kwargs)
     return out
 
@@ -144,29 +160,44 @@ def generate_ids(model, processor, inputs, max_new_tokens: int = MAX_NEW_TOKENS,
 
 
 @torch.inference_mode()
-def generate(model, processor, conversations: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]],
-             max_new_tokens: int = MAX_NEW_TOKENS, **kwargs) -> list[str]:
+def generate(
+    model,
+    processor,
+    conversations: Sequence[list[dict]],
+    images: Sequence[Sequence[Image.Image]],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    **kwargs,
+) -> list[str]:
     """Replies to a batch of conversations in one `generate` call (greedy by default), stripped."""
     inputs = encode(processor, conversations, images, model)
     out = generate_ids(model, processor, inputs, max_new_tokens, **kwargs)
-    new_tokens = out[:, inputs["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
+    new_tokens = out[:, inputs["input_ids"].shape[1] :]  # left padding: every prompt ends at the same column
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def answer(model, processor, image: ImageInput | None, question: str, max_new_tokens: int = MAX_NEW_TOKENS,
-           **kwargs) -> str:
+def answer(
+    model, processor, image: ImageInput | None, question: str, max_new_tokens: int = MAX_NEW_TOKENS, **kwargs
+) -> str:
     """One question about one image (or none); the reply as text."""
     return answer_batch(model, processor, [image], [question], max_new_tokens, **kwargs)[0]
 
 
-def answer_batch(model, processor, images: Sequence[ImageInput | None], questions: Sequence[str] | str,
-                 max_new_tokens: int = MAX_NEW_TOKENS, **kwargs) -> list[str]:
+def answer_batch(
+    model,
+    processor,
+    images: Sequence[ImageInput | None],
+    questions: Sequence[str] | str,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    **kwargs,
+) -> list[str]:
     """One question per image (or the same question for all), answered in one left-padded batch."""
     if isinstance(questions, str):
         questions = [questions] * len(images)
     if len(questions) != len(images):
-        raise ValueError(f"{len(images)} images but {len(questions)} questions: give one question per image, "
-                         "or a single string for all")
+        raise ValueError(
+            f"{len(images)} images but {len(questions)} questions: give one question per image, "
+            "or a single string for all"
+        )
     loaded = [[load_image(im)] if im is not None else [] for im in images]
     conversations = [[user_turn(q, bool(ims))] for q, ims in zip(questions, loaded)]
     return generate(model, processor, conversations, loaded, max_new_tokens, **kwargs)
@@ -179,7 +210,9 @@ class _StopWhenSet(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class _TokenQueue(BaseStreamer):
@@ -204,21 +237,31 @@ class _TokenQueue(BaseStreamer):
             yield ids
 
 
-def stream(model, processor, conversation: list[dict], images: Sequence[Image.Image],
-           max_new_tokens: int = MAX_NEW_TOKENS, timeout: float | None = 300.0, **kwargs) -> Iterator[str]:
+def stream(
+    model,
+    processor,
+    conversation: list[dict],
+    images: Sequence[Image.Image],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    timeout: float | None = 300.0,
+    **kwargs,
+) -> Iterator[str]:
     """Yield the reply to one conversation in pieces as they are generated.
 
     The pieces join to exactly what `generate` returns for the same call (leading and trailing
     whitespace dropped): the reply so far is decoded whole at every step and only text that no later
     token can change is yielded (not trailing whitespace, not a character still waiting for the rest of
-    its bytes, as SentencePiece's byte fallback spells emoji). Closing the iterator early stops the generation.
+    its bytes, as SentencePiece's byte fallback spells emoji). Closing the iterator early stops the
+    generation.
     """
     inputs = encode(processor, [conversation], [images], model)
     tokens = _TokenQueue(timeout)
     stop = threading.Event()
     failure: list[BaseException] = []
     gen_kwargs = _generate_kwargs(processor, max_new_tokens, kwargs)
-    gen_kwargs["stopping_criteria"] = StoppingCriteriaList([*kwargs.get("stopping_criteria", []), _StopWhenSet(stop)])
+    gen_kwargs["stopping_criteria"] = StoppingCriteriaList(
+        [*kwargs.get("stopping_criteria", []), _StopWhenSet(stop)]
+    )
 
     def run() -> None:
         try:
@@ -238,15 +281,17 @@ def stream(model, processor, conversation: list[dict], images: Sequence[Image.Im
             # A run of byte tokens (<0xE2><0x82>...) decodes as one group, valid UTF-8 or all U+FFFD: it is
             # settled only once a token that is not a byte follows.
             settled = len(ids)
-            while settled and BYTE_TOKEN.fullmatch(processor.tokenizer.convert_ids_to_tokens(ids[settled - 1])):
+            while settled and BYTE_TOKEN.fullmatch(
+                processor.tokenizer.convert_ids_to_tokens(ids[settled - 1])
+            ):
                 settled -= 1
             stable = processor.tokenizer.decode(ids[:settled], skip_special_tokens=True).strip()
             if len(stable) > len(sent) and stable.startswith(sent):
-                yield stable[len(sent):]
+                yield stable[len(sent) :]
                 sent = stable
         rest = processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
         if rest.startswith(sent) and len(rest) > len(sent):
-            yield rest[len(sent):]
+            yield rest[len(sent) :]
     finally:
         stop.set()
         thread.join()
@@ -264,8 +309,14 @@ class Chat:
     complete, so an interrupted stream leaves the conversation as it was.
     """
 
-    def __init__(self, model, processor, image: ImageInput | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
-                 **generate_kwargs):
+    def __init__(
+        self,
+        model,
+        processor,
+        image: ImageInput | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        **generate_kwargs,
+    ):
         self.model, self.processor = model, processor
         self.image = load_image(image) if image is not None else None
         self.messages: list[dict] = []
@@ -283,8 +334,9 @@ class Chat:
     def ask(self, question: str) -> str:
         """The reply to `question`, given the image and every earlier turn."""
         prompt = self._prompt(question)
-        reply = generate(self.model, self.processor, [prompt], [self.images], self.max_new_tokens,
-                         **self.generate_kwargs)[0]
+        reply = generate(
+            self.model, self.processor, [prompt], [self.images], self.max_new_tokens, **self.generate_kwargs
+        )[0]
         self.messages = [*prompt, assistant_turn(reply)]
         return reply
 
@@ -292,13 +344,16 @@ class Chat:
         """Like `ask`, yielding the reply in pieces as they are generated."""
         prompt = self._prompt(question)
         pieces = []
-        for piece in stream(self.model, self.processor, prompt, self.images, self.max_new_tokens,
-                            **self.generate_kwargs):
+        for piece in stream(
+            self.model, self.processor, prompt, self.images, self.max_new_tokens, **self.generate_kwargs
+        ):
             pieces.append(piece)
             yield piece
         self.messages = [*prompt, assistant_turn("".join(pieces))]
 
     def history(self) -> list[tuple[str, str]]:
         """(question, reply) pairs so far."""
-        texts = [" ".join(item["text"] for item in m["content"] if item["type"] == "text") for m in self.messages]
+        texts = [
+            " ".join(item["text"] for item in m["content"] if item["type"] == "text") for m in self.messages
+        ]
         return list(zip(texts[0::2], texts[1::2]))

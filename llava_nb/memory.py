@@ -56,15 +56,26 @@ PRECISIONS = {
     "t4": Precision("T4: frozen weights fp16, trainable fp32, fp16 autocast"),
     # ... on a CPU with bf16 instructions: frozen linear weights bf16, the embeddings (so the residual stream)
     # and norms fp32, bf16 autocast; CPU dropout keeps a float mask of its fp32 input (peft casts to fp32)
-    "cpu_bf16": Precision("CPU: bf16 autocast, frozen linear weights bf16, embeddings and norms fp32, "
-                          "trainable fp32", frozen_other=4, residual=4, dropout_mask=4),
+    "cpu_bf16": Precision(
+        "CPU: bf16 autocast, frozen linear weights bf16, embeddings and norms fp32, trainable fp32",
+        frozen_other=4,
+        residual=4,
+        dropout_mask=4,
+    ),
     "cpu_fp32": Precision("CPU: fp32 throughout", 4, 4, 4, 4, 4, 4),
 }
 
 
-def saved_bytes_per_token_layer(text_config: Any, *, lora: tuple[int, int] = (0, 0), lora_r: int = 0,
-                                act_bytes: int = 2, norm_bytes: int = 4, mask_bytes: int = 1,
-                                kv_len: int = 0) -> int:
+def saved_bytes_per_token_layer(
+    text_config: Any,
+    *,
+    lora: tuple[int, int] = (0, 0),
+    lora_r: int = 0,
+    act_bytes: int = 2,
+    norm_bytes: int = 4,
+    mask_bytes: int = 1,
+    kv_len: int = 0,
+) -> int:
     """Bytes one frozen Llama decoder layer keeps for backward, per token (h hidden, i MLP width, n heads,
     h_kv = h x kv_heads / heads):
 
@@ -102,9 +113,12 @@ def frozen_weight_bytes(model: nn.Module, trainable: set[str], precision: Precis
     at `frozen_linear`, the rest (embeddings, a head tied to them, norms, convolutions) at `frozen_other`."""
     embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     linear = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    return sum(p.numel() * (precision.frozen_linear if id(p) in linear and id(p) not in embedding
-                            else precision.frozen_other)
-               for name, p in model.named_parameters() if name not in trainable)
+    return sum(
+        p.numel()
+        * (precision.frozen_linear if id(p) in linear and id(p) not in embedding else precision.frozen_other)
+        for name, p in model.named_parameters()
+        if name not in trainable
+    )
 
 
 def masked_attention(t: cfg.TrainConfig, batch: int, checkpointing: bool) -> bool:
@@ -114,9 +128,15 @@ def masked_attention(t: cfg.TrainConfig, batch: int, checkpointing: bool) -> boo
     return t.fast_loss and t.shared_prefix and not t.lora_r and not checkpointing and batch >= 2
 
 
-def memory_plan(config: LlavaConfig | None = None, t: cfg.TrainConfig | None = None, *, seq_len: int = 1024,
-                checkpointing: bool | None = None, precision: str = "t4",
-                supervised: float = 1.0) -> dict[str, float]:
+def memory_plan(
+    config: LlavaConfig | None = None,
+    t: cfg.TrainConfig | None = None,
+    *,
+    seq_len: int = 1024,
+    checkpointing: bool | None = None,
+    precision: str = "t4",
+    supervised: float = 1.0,
+) -> dict[str, float]:
     """Memory of one training stage in GiB, by item, on a T4 (`precision` 't4') or as this project trains on
     a CPU ('cpu_bf16', 'cpu_fp32': the precisions `benchmarks/t4_full_size.py` measures in).
 
@@ -151,14 +171,25 @@ def memory_plan(config: LlavaConfig | None = None, t: cfg.TrainConfig | None = N
     lora = L * t.lora_r * in_out if t.lora_r else 0
     b, s = t.per_device_train_batch_size, seq_len
     masked = masked_attention(t, b, checkpointing)
-    layer = b * s * saved_bytes_per_token_layer(text, lora=(n_linears, inputs), lora_r=t.lora_r,
-                                                act_bytes=p.act, norm_bytes=p.norm, mask_bytes=p.dropout_mask,
-                                                kv_len=s if masked else 0)
+    layer = (
+        b
+        * s
+        * saved_bytes_per_token_layer(
+            text,
+            lora=(n_linears, inputs),
+            lora_r=t.lora_r,
+            act_bytes=p.act,
+            norm_bytes=p.norm,
+            mask_bytes=p.dropout_mask,
+            kv_len=s if masked else 0,
+        )
+    )
     activations = L * b * s * h * p.residual + layer if checkpointing else L * layer
     trainable = projector + lora
     logits = b * s * (supervised if t.fast_loss else 1.0) * text.vocab_size
-    frozen = frozen_weight_bytes(model, {n for n, _ in model.named_parameters()
-                                         if n.startswith(surgery.PARTS["projector"])}, p)
+    frozen = frozen_weight_bytes(
+        model, {n for n, _ in model.named_parameters() if n.startswith(surgery.PARTS["projector"])}, p
+    )
     plan = {
         "frozen weights (fp16)": frozen,
         "trainable weights (fp32)": trainable * 4,
@@ -171,13 +202,23 @@ def memory_plan(config: LlavaConfig | None = None, t: cfg.TrainConfig | None = N
     plan = {k: round(v / GIB, 3) for k, v in plan.items()}
     plan["total"] = round(sum(plan.values()), 2)
     total = sum(part["total"] for part in parts.values()) + lora
-    return {"parameters (M)": round(total / 1e6, 2), "trainable parameters (M)": round(trainable / 1e6, 2),
-            "micro-batch x tokens": f"{b} x {s}",
-            "checkpointing": checkpointing, **plan}
+    return {
+        "parameters (M)": round(total / 1e6, 2),
+        "trainable parameters (M)": round(trainable / 1e6, 2),
+        "micro-batch x tokens": f"{b} x {s}",
+        "checkpointing": checkpointing,
+        **plan,
+    }
 
 
-MEASURED_ITEMS = ("frozen weights (fp16)", "trainable weights (fp32)", "gradients (fp32)",
-                  "AdamW moments (fp32)", "activations", "logits and loss")
+MEASURED_ITEMS = (
+    "frozen weights (fp16)",
+    "trainable weights (fp32)",
+    "gradients (fp32)",
+    "AdamW moments (fp32)",
+    "activations",
+    "logits and loss",
+)
 
 
 MEASUREMENTS = Path(__file__).resolve().parent.parent / "docs"  # in a checkout: the committed measurements
@@ -192,8 +233,9 @@ def measured_beside_plan(path: str | Path | None = None) -> list[dict[str, Any]]
     if path is None:
         found = sorted(MEASUREMENTS.glob("t4-full-size-*.json"))
         if not found:
-            raise FileNotFoundError(f"no t4-full-size-<date>.json in {MEASUREMENTS}: run "
-                                    "python benchmarks/t4_full_size.py")
+            raise FileNotFoundError(
+                f"no t4-full-size-<date>.json in {MEASUREMENTS}: run python benchmarks/t4_full_size.py"
+            )
         path = found[-1]
     result = json.loads(Path(path).read_text())
     config = surgery.t4_config()
@@ -204,15 +246,35 @@ def measured_beside_plan(path: str | Path | None = None) -> list[dict[str, Any]]
         t = cfg.PROFILES["t4"].stage(n)
         t4 = memory_plan(config, t, seq_len=result["seq_len"])
         positions = result["micro_batch"] * result["seq_len"]
-        here = memory_plan(config, t, seq_len=result["seq_len"], precision=stage["precision_key"],
-                           supervised=result["supervised_positions"] / positions)
+        here = memory_plan(
+            config,
+            t,
+            seq_len=result["seq_len"],
+            precision=stage["precision_key"],
+            supervised=result["supervised_positions"] / positions,
+        )
         for item in MEASURED_ITEMS:
             measured = stage["measured"][item]
-            rows.append({"stage": n, "item": item, "plan (T4)": t4[item], "plan (as measured)": here[item],
-                         "measured": measured,
-                         "measured / plan": round(measured / here[item], 2) if here[item] else None})
+            rows.append(
+                {
+                    "stage": n,
+                    "item": item,
+                    "plan (T4)": t4[item],
+                    "plan (as measured)": here[item],
+                    "measured": measured,
+                    "measured / plan": round(measured / here[item], 2) if here[item] else None,
+                }
+            )
         for item, key in (("parameters (M)", "total"), ("trainable parameters (M)", "trainable")):
             measured = round(stage["parameters"][key] / 1e6, 2)
-            rows.append({"stage": n, "item": item, "plan (T4)": t4[item], "plan (as measured)": here[item],
-                         "measured": measured, "measured / plan": round(measured / here[item], 2)})
+            rows.append(
+                {
+                    "stage": n,
+                    "item": item,
+                    "plan (T4)": t4[item],
+                    "plan (as measured)": here[item],
+                    "measured": measured,
+                    "measured / plan": round(measured / here[item], 2),
+                }
+            )
     return rows

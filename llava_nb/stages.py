@@ -21,8 +21,13 @@ from .surgery import base_model
 def lora_target_regex(model: LlavaForConditionalGeneration) -> str:
     """A peft `target_modules` regex matching every nn.Linear of the language model and nothing else
     (not the vision tower's q/k/v projections, not the projector, not lm_head)."""
-    names = sorted({name.rsplit(".", 1)[-1] for name, m in model.model.language_model.named_modules()
-                    if isinstance(m, nn.Linear)})
+    names = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.model.language_model.named_modules()
+            if isinstance(m, nn.Linear)
+        }
+    )
     return rf"model\.language_model\..*\.({'|'.join(names)})"
 
 
@@ -33,8 +38,13 @@ def add_lora(model: LlavaForConditionalGeneration, t: cfg.TrainConfig, *, seed: 
     if t.lora_r <= 0:
         raise ValueError("stage 2 needs lora_r > 0 in the profile's stage2 TrainConfig")
     model.requires_grad_(False)
-    lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-                      target_modules=lora_target_regex(model), bias="none")
+    lora = LoraConfig(
+        r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        target_modules=lora_target_regex(model),
+        bias="none",
+    )
     torch.manual_seed(seed)  # LoRA's A matrices start random (B starts at zero)
     peft_model = get_peft_model(model, lora)
     model.model.multi_modal_projector.requires_grad_(True)  # peft froze everything but the adapter
@@ -66,8 +76,14 @@ def place_for_training(model: nn.Module, *, narrow: bool = False) -> torch.dtype
     return frozen
 
 
-def stage_model(profile: cfg.Profile, stage: int, *, init_from: str | os.PathLike | None = None,
-                seed: int | None = None, narrow: bool = True) -> tuple[nn.Module, Any]:
+def stage_model(
+    profile: cfg.Profile,
+    stage: int,
+    *,
+    init_from: str | os.PathLike | None = None,
+    seed: int | None = None,
+    narrow: bool = True,
+) -> tuple[nn.Module, Any]:
     """(model, processor) ready to train: stage 1 from the backbones, stage 2 from a stage-1 export + LoRA.
     `narrow=False` keeps the frozen weights as their sources hold them (see `as_sources_hold_it`)."""
     seed = profile.seed if seed is None else seed
@@ -79,11 +95,14 @@ def stage_model(profile: cfg.Profile, stage: int, *, init_from: str | os.PathLik
         model.set_attn_implementation(attention)
     else:
         if init_from is None or not is_complete(init_from):
-            raise FileNotFoundError(f"stage 2 starts from a complete stage-1 export, and {init_from} is not "
-                                    "one (missing, or its save was cut short): run stage 1 first "
-                                    "(`python -m llava_nb.train --stage 1`) or pass --init-from")
-        model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=frozen_dtype(),
-                                                              attn_implementation=attention)
+            raise FileNotFoundError(
+                f"stage 2 starts from a complete stage-1 export, and {init_from} is not "
+                "one (missing, or its save was cut short): run stage 1 first "
+                "(`python -m llava_nb.train --stage 1`) or pass --init-from"
+            )
+        model = LlavaForConditionalGeneration.from_pretrained(
+            init_from, dtype=frozen_dtype(), attn_implementation=attention
+        )
         processor = AutoProcessor.from_pretrained(init_from)
         model = add_lora(model, t, seed=seed)
     base_model(model).config.text_config.use_cache = False  # no KV cache while training; export restores it
@@ -91,8 +110,14 @@ def stage_model(profile: cfg.Profile, stage: int, *, init_from: str | os.PathLik
     return model, processor
 
 
-def as_sources_hold_it(model: nn.Module, profile: cfg.Profile, stage: int, *,
-                       init_from: str | os.PathLike | None = None, seed: int | None = None) -> nn.Module:
+def as_sources_hold_it(
+    model: nn.Module,
+    profile: cfg.Profile,
+    stage: int,
+    *,
+    init_from: str | os.PathLike | None = None,
+    seed: int | None = None,
+) -> nn.Module:
     """The trained model with its frozen weights exactly as their sources hold them, for export: `model`
     itself, or when training narrowed them to bf16 the stage rebuilt from its sources with the trained
     tensors (projector, LoRA) copied in."""

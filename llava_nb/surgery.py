@@ -32,12 +32,14 @@ class Backbones:
     lm_dir: Path  # config.json, model.safetensors, tokenizer files
 
 
-def llava_config(vision_config, text_config, model_cfg: cfg.ModelConfig,
-                 dtype: torch.dtype = torch.float32) -> LlavaConfig:
+def llava_config(
+    vision_config, text_config, model_cfg: cfg.ModelConfig, dtype: torch.dtype = torch.float32
+) -> LlavaConfig:
     """LlavaConfig for these backbones (the image token id is set later, by processing), every part in
     `dtype`: not in the dtype a backbone's own config names (TinyLlama's says bfloat16)."""
     config = LlavaConfig(
-        vision_config=vision_config, text_config=text_config,
+        vision_config=vision_config,
+        text_config=text_config,
         vision_feature_layer=model_cfg.vision_feature_layer,
         vision_feature_select_strategy=model_cfg.vision_feature_select_strategy,
         projector_hidden_act=model_cfg.projector_hidden_act,
@@ -64,7 +66,9 @@ def t4_config() -> LlavaConfig:
     from transformers import CLIPVisionConfig, LlamaConfig
 
     text = {k: v for k, v in cfg.T4_TEXT_CONFIG.items() if k != "model_type"}
-    return llava_config(CLIPVisionConfig(**cfg.T4_VISION_CONFIG), LlamaConfig(**text), cfg.PROFILES["t4"].model)
+    return llava_config(
+        CLIPVisionConfig(**cfg.T4_VISION_CONFIG), LlamaConfig(**text), cfg.PROFILES["t4"].model
+    )
 
 
 def describe_config(config: LlavaConfig) -> dict[str, object]:
@@ -73,9 +77,9 @@ def describe_config(config: LlavaConfig) -> dict[str, object]:
     grid = v.image_size // v.patch_size
     return {
         "vision tower": f"CLIP ViT, {v.num_hidden_layers} layers x {v.hidden_size}, "
-                        f"{v.patch_size}-px patches at {v.image_size} px ({grid} x {grid} grid)",
+        f"{v.patch_size}-px patches at {v.image_size} px ({grid} x {grid} grid)",
         "language model": f"{t.model_type}, {t.num_hidden_layers} layers x {t.hidden_size}, "
-                          f"vocabulary {t.vocab_size}",
+        f"vocabulary {t.vocab_size}",
         "projector": f"{v.hidden_size} -> {t.hidden_size} -> {t.hidden_size}, {config.projector_hidden_act}",
         "vision_feature_layer": config.vision_feature_layer,
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
@@ -88,14 +92,20 @@ def load_vision_weights(model: LlavaForConditionalGeneration, path: str | Path) 
     """Copy `vision_model.*` from a full CLIP checkpoint into the vision tower; return ignored keys."""
     state = load_state_dict(path)
     target = model.model.vision_tower.state_dict()
-    mapping = {k[len(VISION_PREFIX):]: k for k in state if k.startswith(VISION_PREFIX)}
+    mapping = {k[len(VISION_PREFIX) :]: k for k in state if k.startswith(VISION_PREFIX)}
     missing = sorted(VISION_PREFIX + k for k in target if k not in mapping and not k.endswith("position_ids"))
     if missing:
-        raise KeyError(f"{path} lacks vision weight(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                       f"({len(missing)} missing): it is not a complete CLIP checkpoint; download it again")
-    _copy(model.model.vision_tower, {dst: state[src] for dst, src in mapping.items() if dst in target}, path,
-          prefix=VISION_PREFIX)
-    return sorted(k for k in state if k not in mapping.values() or k[len(VISION_PREFIX):] not in target)
+        raise KeyError(
+            f"{path} lacks vision weight(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+            f"({len(missing)} missing): it is not a complete CLIP checkpoint; download it again"
+        )
+    _copy(
+        model.model.vision_tower,
+        {dst: state[src] for dst, src in mapping.items() if dst in target},
+        path,
+        prefix=VISION_PREFIX,
+    )
+    return sorted(k for k in state if k not in mapping.values() or k[len(VISION_PREFIX) :] not in target)
 
 
 def load_language_weights(model: LlavaForConditionalGeneration, path: str | Path) -> None:
@@ -108,17 +118,23 @@ def load_language_weights(model: LlavaForConditionalGeneration, path: str | Path
     if not tied and "lm_head.weight" not in state:
         missing.append("lm_head.weight")
     if missing:
-        raise KeyError(f"{path} lacks language-model weight(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                       f" ({len(missing)} missing): the file is wrong or truncated; download it again")
+        raise KeyError(
+            f"{path} lacks language-model weight(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            f" ({len(missing)} missing): the file is wrong or truncated; download it again"
+        )
     unexpected = sorted(set(state) - set(mapping) - {"lm_head.weight"})
     if unexpected:
-        raise KeyError(f"{path} has weight(s) this language model does not know: {unexpected[:5]}; "
-                       "does config.json belong to the same model?")
+        raise KeyError(
+            f"{path} has weight(s) this language model does not know: {unexpected[:5]}; "
+            "does config.json belong to the same model?"
+        )
     lm_state = {dst: state[src] for src, dst in mapping.items()}
     _copy(model.model.language_model, lm_state, path, prefix="model.")
     if not tied:
         _copy(model.lm_head, {"weight": state["lm_head.weight"]}, path, prefix="lm_head.")
-    elif "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+    elif "lm_head.weight" in state and not torch.equal(
+        state["lm_head.weight"], state["model.embed_tokens.weight"]
+    ):
         raise ValueError(f"{path}: lm_head.weight differs from the embeddings but the config ties them")
 
 
@@ -132,8 +148,10 @@ def _copy(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path, prefi
     for name, src in tensors.items():
         dst = params[name]
         if dst.shape != src.shape:
-            raise ValueError(f"{path}: {prefix}{name} has shape {tuple(src.shape)}, the model expects "
-                             f"{tuple(dst.shape)}: the checkpoint and config.json describe different models")
+            raise ValueError(
+                f"{path}: {prefix}{name} has shape {tuple(src.shape)}, the model expects "
+                f"{tuple(dst.shape)}: the checkpoint and config.json describe different models"
+            )
         dst.copy_(src)
 
 
@@ -146,11 +164,18 @@ def freeze_backbones(model: LlavaForConditionalGeneration) -> None:
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     """Total and trainable parameter counts (tied weights counted once)."""
     params = list(model.parameters())  # parameters() yields a shared tensor once
-    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+    return {
+        "total": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+    }
 
 
-PARTS = {"vision_tower": "model.vision_tower.", "projector": "model.multi_modal_projector.",
-         "language_model": "model.language_model.", "lm_head": "lm_head."}
+PARTS = {
+    "vision_tower": "model.vision_tower.",
+    "projector": "model.multi_modal_projector.",
+    "language_model": "model.language_model.",
+    "lm_head": "lm_head.",
+}
 
 
 def parameters_by_part(model: LlavaForConditionalGeneration) -> dict[str, dict[str, int]]:
@@ -164,7 +189,9 @@ def parameters_by_part(model: LlavaForConditionalGeneration) -> dict[str, dict[s
     return out
 
 
-def assemble(backbones: Backbones, model_cfg: cfg.ModelConfig, *, seed: int = 0) -> LlavaForConditionalGeneration:
+def assemble(
+    backbones: Backbones, model_cfg: cfg.ModelConfig, *, seed: int = 0
+) -> LlavaForConditionalGeneration:
     """Build the LLaVA model, load both backbones by explicit key maps, freeze them (fp32, CPU, whatever
     the backbones are stored in: bf16 weights are copied in exactly, as fp32 holds every bf16 value)."""
     config = config_from_backbones(backbones, model_cfg)
@@ -184,11 +211,15 @@ def lm_weights_file(lm_dir: Path) -> Path:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (lm_dir / name).is_file():
             return lm_dir / name
-    raise FileNotFoundError(f"{lm_dir} has no model.safetensors: sharded or missing weights; run prepare_backbones()")
+    raise FileNotFoundError(
+        f"{lm_dir} has no model.safetensors: sharded or missing weights; run prepare_backbones()"
+    )
 
 
 @torch.no_grad()
-def text_logits_max_diff(llava: LlavaForConditionalGeneration, lm: torch.nn.Module, input_ids: torch.Tensor) -> float:
+def text_logits_max_diff(
+    llava: LlavaForConditionalGeneration, lm: torch.nn.Module, input_ids: torch.Tensor
+) -> float:
     """Max |logit difference| between LLaVA and its source LM on a text-only input (0 after surgery)."""
     a = llava(input_ids=input_ids).logits.float()
     b = lm(input_ids=input_ids).logits.float()

@@ -64,15 +64,31 @@ FEATURES = datasets.Features(
 
 # Three phrasings per question kind; {colour}, {shape} and {side} are the thing asked about.
 TEMPLATES = {
-    "colour": ("What colour is the largest shape?", "Which colour is the biggest object?",
-               "What is the colour of the largest object?"),
-    "shape": ("What shape is the largest object?", "Which shape is the biggest one?",
-              "What kind of shape is the largest object?"),
-    "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes in the image."),
-    "position": ("Is the largest shape on the left or the right?",
-                 "On which side is the biggest object, left or right?",
-                 "Is the largest object in the left or right half?"),
-    "caption": ("Describe the image briefly.", "Give a short description of the image.", "What is in this picture?"),
+    "colour": (
+        "What colour is the largest shape?",
+        "Which colour is the biggest object?",
+        "What is the colour of the largest object?",
+    ),
+    "shape": (
+        "What shape is the largest object?",
+        "Which shape is the biggest one?",
+        "What kind of shape is the largest object?",
+    ),
+    "count": (
+        "How many shapes are there?",
+        "How many objects are in the image?",
+        "Count the shapes in the image.",
+    ),
+    "position": (
+        "Is the largest shape on the left or the right?",
+        "On which side is the biggest object, left or right?",
+        "Is the largest object in the left or right half?",
+    ),
+    "caption": (
+        "Describe the image briefly.",
+        "Give a short description of the image.",
+        "What is in this picture?",
+    ),
 }
 QUESTION_KINDS = ("colour", "shape", "count", "position")  # the kinds scored by exact answer
 
@@ -158,8 +174,12 @@ def largest(scene: list[dict]) -> dict:
 def questions(scene: list[dict], rng: np.random.Generator) -> dict[str, tuple[str, str]]:
     """One (question, one-word answer) per kind: the largest object's colour, shape and side; the count."""
     big = largest(scene)
-    answers = {"colour": big["colour"], "shape": big["shape"], "count": NUMBERS[len(scene)],
-               "position": big["side"]}
+    answers = {
+        "colour": big["colour"],
+        "shape": big["shape"],
+        "count": NUMBERS[len(scene)],
+        "position": big["side"],
+    }
     return {kind: (_pick(rng, TEMPLATES[kind]), answers[kind]) for kind in QUESTION_KINDS}
 
 
@@ -172,8 +192,11 @@ def caption(scene: list[dict]) -> str:
 
 def clip_caption(scene: list[dict]) -> str:
     """What the CLIP twin is pretrained to match: 'a large red circle on the left and a small blue ...'"""
-    parts = [f"a {'large' if o['box'][2] - o['box'][0] >= LARGE else 'small'} {o['colour']} {o['shape']} "
-             f"on the {o['side']}" for o in _left_to_right(scene)]
+    parts = [
+        f"a {'large' if o['box'][2] - o['box'][0] >= LARGE else 'small'} {o['colour']} {o['shape']} "
+        f"on the {o['side']}"
+        for o in _left_to_right(scene)
+    ]
     return " and ".join(parts)
 
 
@@ -191,7 +214,8 @@ def question_kind(text: str) -> str:
 
 
 def make_sample(rng: np.random.Generator) -> dict:
-    """One drawn image with a conversation: 1 turn (15 %) or 3-5, questions of distinct kinds, sometimes a caption.
+    """One drawn image with a conversation: 1 turn (15 %) or 3-5, questions of distinct kinds, sometimes a
+    caption.
 
     Several answers per image give the projector more to learn from per forward pass (the image tokens
     and the system prompt are most of the sequence)."""
@@ -234,7 +258,10 @@ def write_dataset(
             rng = np.random.default_rng(seq)
             n_shards = max(1, -(-n // shard_size))
             for s in range(n_shards):
-                rows = [_new_row(rng, seen, keep=split == "train") for _ in range(min(shard_size, n - s * shard_size))]
+                rows = [
+                    _new_row(rng, seen, keep=split == "train")
+                    for _ in range(min(shard_size, n - s * shard_size))
+                ]
                 table = pa.Table.from_pylist(rows, schema=FEATURES.arrow_schema)
                 pq.write_table(table, tmp / f"{split}-{s:05d}-of-{n_shards:05d}.parquet")
         (tmp / "README.md").write_text(card)
@@ -256,9 +283,11 @@ def _card(**params: int) -> str:
     # Also the completeness key: a folder written with other arguments or an older drawing is rebuilt.
     call = ", ".join(f"{k}={v}" for k, v in params.items())
     # The YAML header is the hub's dataset-card `configs` block: which files make which split.
-    return ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: train-*\n"
-            "  - split: test\n    path: test-*\n---\n# Drawn shapes in the llava-instruct-mix-vsft schema\n\n"
-            f"Written by `llava_nb.synthetic.write_dataset(root, {call})`, format {_FORMAT_VERSION}.\n")
+    return (
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: train-*\n"
+        "  - split: test\n    path: test-*\n---\n# Drawn shapes in the llava-instruct-mix-vsft schema\n\n"
+        f"Written by `llava_nb.synthetic.write_dataset(root, {call})`, format {_FORMAT_VERSION}.\n"
+    )
 
 
 def _encode(sample: dict) -> dict:

@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    LlavaForConditionalGeneration,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import config as cfg
@@ -43,8 +49,15 @@ class LlavaTrainer(Trainer):
     `compute_loss` is the place for loss-side speed-ups (for instance LM-head logits only where labels are).
     """
 
-    def __init__(self, *args: Any, keep_checkpoints: int = 2, stream_origin: tuple[int, int] = (0, 0),
-                 fast_loss: bool = True, shared_prefix: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        keep_checkpoints: int = 2,
+        stream_origin: tuple[int, int] = (0, 0),
+        fast_loss: bool = True,
+        shared_prefix: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.fast_loss, self.shared_prefix = fast_loss, shared_prefix
         self.keep_checkpoints = keep_checkpoints
@@ -54,8 +67,9 @@ class LlavaTrainer(Trainer):
         # on_train_end when training stops before max_steps (a StopAtStep demo), dividing by a None rate.
         # Found by class name: importing transformers.utils.notebook needs IPython, which the commands
         # do not install (Trainer adds that callback only inside a notebook, where IPython runs).
-        notebook_bars = [c for c in self.callback_handler.callbacks
-                         if type(c).__name__ == "NotebookProgressCallback"]
+        notebook_bars = [
+            c for c in self.callback_handler.callbacks if type(c).__name__ == "NotebookProgressCallback"
+        ]
         for callback in notebook_bars:
             self.remove_callback(callback)
         if notebook_bars:
@@ -71,15 +85,17 @@ class LlavaTrainer(Trainer):
         (`shared_prefix_cache`). The same mean, the same gradients (tests/test_fast_loss.py).
         """
         if not self.fast_loss or return_outputs:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         inputs = trim_after_last_target(inputs, base_model(model).config.image_token_id)
         prefix, cache = 0, None
         if self.shared_prefix:  # in the precision of the model's forward, which accelerate wraps in autocast
             with self.accelerator.autocast():
                 prefix, cache = shared_prefix_cache(model, inputs)
-        targets = inputs["labels"][:, prefix + 1:]
+        targets = inputs["labels"][:, prefix + 1 :]
         supervised = targets != IGNORE_INDEX  # position t predicts token t + 1
+
         # The call goes through `model` as Trainer wrapped it, so that DDP synchronises the gradients and
         # accelerate's autocast applies; a pre-hook hands the LM head the supervised positions only,
         # (batch, seq, hidden) -> (n_supervised, hidden), so the logits come back as (n_supervised, vocab).
@@ -148,7 +164,7 @@ class LlavaTrainer(Trainer):
             (staging_root / final.name / STREAM_FILE).write_text(json.dumps(position))
             commit_checkpoint(staging_root / final.name, final)
             shutil.rmtree(staging_root, ignore_errors=True)
-            for old in checkpoints(final.parent)[:-self.keep_checkpoints]:
+            for old in checkpoints(final.parent)[: -self.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
@@ -162,7 +178,9 @@ def trim_after_last_target(inputs: dict[str, torch.Tensor], image_token_id: int)
     keep = int(targets[-1]) + 2  # position t predicts label t + 1: keep positions 0 .. last target
     if keep >= labels.shape[1] or (inputs["input_ids"][:, keep:] == image_token_id).any():
         return inputs  # nothing to cut, or an image placeholder there (its features must all find a place)
-    return {k: v[:, :keep] if k in ("input_ids", "attention_mask", "labels") else v for k, v in inputs.items()}
+    return {
+        k: v[:, :keep] if k in ("input_ids", "attention_mask", "labels") else v for k, v in inputs.items()
+    }
 
 
 def shared_prefix_cache(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, Any]:
@@ -181,8 +199,12 @@ def shared_prefix_cache(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tu
         checkpointing = lm.is_gradient_checkpointing
     if ids.shape[0] < 2 or checkpointing or any(p.requires_grad for p in lm.parameters()):
         return 0, None
-    common = ((ids == ids[:1]).all(0) & (mask == 1).all(0) & (labels == IGNORE_INDEX).all(0)
-              & (ids[0] != llava.config.image_token_id))
+    common = (
+        (ids == ids[:1]).all(0)
+        & (mask == 1).all(0)
+        & (labels == IGNORE_INDEX).all(0)
+        & (ids[0] != llava.config.image_token_id)
+    )
     prefix = int(common.int().cumprod(0).sum()) - 1  # label `prefix` unsupervised too: nothing to predict
     if prefix < 1:
         return 0, None
@@ -231,17 +253,22 @@ def samples_per_step(args: TrainingArguments) -> int:
 # Names that differ between the transformers versions we support.
 # The forward argument that takes a KV cache: `cache` from transformers 5.2x (`past_key_values` then warns
 # and goes in 5.40), `past_key_values` in 5.15 (Colab).
-_CACHE_ARG = "cache" if "cache" in inspect.signature(LlavaForConditionalGeneration.forward).parameters \
+_CACHE_ARG = (
+    "cache"
+    if "cache" in inspect.signature(LlavaForConditionalGeneration.forward).parameters
     else "past_key_values"
+)
 _ARG_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns);
 # 5.15 (Colab) only knows the old name.
-_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in _ARG_FIELDS
-                  else "gradient_checkpointing")
+_CHECKPOINTING = (
+    "activation_checkpointing" if "activation_checkpointing" in _ARG_FIELDS else "gradient_checkpointing"
+)
 
 
-def training_arguments(t: cfg.TrainConfig, checkpoint_dir: str | os.PathLike, *, seed: int,
-                       evaluate: bool) -> TrainingArguments:
+def training_arguments(
+    t: cfg.TrainConfig, checkpoint_dir: str | os.PathLike, *, seed: int, evaluate: bool
+) -> TrainingArguments:
     """The profile's TrainConfig as TrainingArguments: the tutorial's schedule, T4-safe precision."""
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(

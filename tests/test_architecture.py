@@ -35,7 +35,9 @@ def test_every_module_is_on_the_map_and_imports_only_lower_floors():
     assert set(mapped) == modules, (sorted(modules - set(mapped)), sorted(set(mapped) - modules))
     for module in modules:
         for dep in imports(PACKAGE / f"{module}.py") & modules:
-            assert mapped[dep] < mapped[module], f"{module} (floor {mapped[module]}) imports {dep} (floor {mapped[dep]})"
+            assert mapped[dep] < mapped[module], (
+                f"{module} (floor {mapped[module]}) imports {dep} (floor {mapped[dep]})"
+            )
 
 
 def test_no_module_is_over_400_lines():

@@ -21,14 +21,17 @@ import bench_jobs  # noqa: E402
 def test_tutorial_collator_labels_every_non_pad_token(built, profile):
     _, processor = built
     collator = data.LlavaCollator(processor, max_length=profile.data.max_length)
-    samples = list(itertools.islice(streams.stream(sources.prepare_dataset(profile), "train",
-                                                shuffle_buffer=0), 6))
+    samples = list(
+        itertools.islice(streams.stream(sources.prepare_dataset(profile), "train", shuffle_buffer=0), 6)
+    )
     ours = collator(samples)
     tutorial = bench_jobs.TutorialCollator(collator)(samples)
     real = tutorial["attention_mask"].bool()
     assert not real.all(), "the batch should hold some padding"
     assert torch.equal(tutorial["input_ids"], ours["input_ids"])
-    assert torch.equal(tutorial["labels"][real], tutorial["input_ids"][real])  # every real token, image ones too
+    assert torch.equal(
+        tutorial["labels"][real], tutorial["input_ids"][real]
+    )  # every real token, image ones too
     assert (tutorial["labels"][~real] == data.IGNORE_INDEX).all()
     # the project's labels are a strict subset: the assistant replies
     supervised = ours["labels"] != data.IGNORE_INDEX
@@ -41,11 +44,33 @@ def _finite_positive(x):
 
 
 def test_bench_tiny_budget(backbones, capsys):
-    summary = bench.main(["--configs", "tutorial,tutorial_fp32,project", "--steps", "1", "--warmup", "0",
-                          "--batch-size", "2", "--max-new-tokens", "2", "--gen-batch-size", "2", "--in-process"])
+    summary = bench.main(
+        [
+            "--configs",
+            "tutorial,tutorial_fp32,project",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--gen-batch-size",
+            "2",
+            "--in-process",
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
-    assert {"train_speedup_vs_tutorial", "peak_rss_ratio_vs_tutorial", "baseline_precision", "ran_first",
-            "train", "generation", "machine"} <= set(json.loads(out[-1]))
+    assert {
+        "train_speedup_vs_tutorial",
+        "peak_rss_ratio_vs_tutorial",
+        "baseline_precision",
+        "ran_first",
+        "train",
+        "generation",
+        "machine",
+    } <= set(json.loads(out[-1]))
     table = "\n".join(out[:-1])
     assert all(f"| {name} |" in table for name in ("tutorial", "tutorial_fp32", "project"))
     for key in ("train_speedup_vs_tutorial", "peak_rss_ratio_vs_tutorial"):
@@ -57,7 +82,10 @@ def test_bench_tiny_budget(backbones, capsys):
             assert _finite_positive(train[name][key]), (name, key, train[name][key])
     # the baseline is the tutorial in the machine's mixed precision; the fp32 run is an extra row
     assert summary["baseline_precision"] == train["tutorial"]["precision"] == train["project"]["precision"]
-    assert summary["baseline_precision"] in ("bf16", "fp16", "fp32") and train["tutorial_fp32"]["precision"] == "fp32"
+    assert (
+        summary["baseline_precision"] in ("bf16", "fp16", "fp32")
+        and train["tutorial_fp32"]["precision"] == "fp32"
+    )
     assert summary["ran_first"] == "tutorial"
     assert train["tutorial"]["supervised_fraction"] == 1.0 > 0.5 > train["project"]["supervised_fraction"]
     assert train["project"]["fast_loss"] and not train["tutorial"]["fast_loss"]
@@ -65,7 +93,10 @@ def test_bench_tiny_budget(backbones, capsys):
     from llava_nb.device import attention_implementation
 
     assert train["tutorial"]["attention"] == "sdpa" and not train["tutorial"]["shared_prefix"]
-    assert train["project"]["attention"] == attention_implementation("auto") and train["project"]["shared_prefix"]
+    assert (
+        train["project"]["attention"] == attention_implementation("auto")
+        and train["project"]["shared_prefix"]
+    )
     for bs in (1, 2):
         g = summary["generation"][f"batch{bs}"]
         assert g["new_tokens"] == 2 * bs and _finite_positive(g["tokens_per_s"])

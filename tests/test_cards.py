@@ -15,10 +15,17 @@ from tests.hub import twins
 
 def _summary(profile) -> dict:
     """An export's training record, as llava_nb.train writes it."""
-    return {"profile": profile.name, "stage": 1, "seed": 0, "dataset": profile.data.dataset,
-            "train": dataclasses.asdict(profile.stage1), "data": dataclasses.asdict(profile.data),
-            "model": {"vision_id": profile.model.vision_id, "lm_id": profile.model.lm_id},
-            "init_from": None, "metrics": {"eval_loss": 1.23456, "steps": 3}}
+    return {
+        "profile": profile.name,
+        "stage": 1,
+        "seed": 0,
+        "dataset": profile.data.dataset,
+        "train": dataclasses.asdict(profile.stage1),
+        "data": dataclasses.asdict(profile.data),
+        "model": {"vision_id": profile.model.vision_id, "lm_id": profile.model.lm_id},
+        "init_from": None,
+        "metrics": {"eval_loss": 1.23456, "steps": 3},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +64,25 @@ def test_the_card_holds_the_scores_evaluate_printed(export, profile, capsys):
     through_hub = os.environ.get(config.PROFILE_ENV) == "t4"
     mtime = export.stat().st_mtime_ns
     source = [] if through_hub else ["--dataset", str(twins.write_twins() / "datasets" / twins.POPE_REPO)]
-    printed = evaluate.main(["--checkpoint", str(export), "--profile", profile.name, "--benchmark", "pope",
-                             "--limit", "6", "--max-new-tokens", "2", *source])
+    printed = evaluate.main(
+        [
+            "--checkpoint",
+            str(export),
+            "--profile",
+            profile.name,
+            "--benchmark",
+            "pope",
+            "--limit",
+            "6",
+            "--max-new-tokens",
+            "2",
+            *source,
+        ]
+    )
     assert json.loads(capsys.readouterr().out.rstrip("\n").splitlines()[-1]) == printed
-    tested = evaluate.main(["--checkpoint", str(export), "--profile", profile.name, "--limit", "2",
-                            "--max-new-tokens", "2"])
+    tested = evaluate.main(
+        ["--checkpoint", str(export), "--profile", profile.name, "--limit", "2", "--max-new-tokens", "2"]
+    )
     card = ModelCard.load(export / cards.CARD_FILE)
     scores = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
     pope_source = printed["dataset"]

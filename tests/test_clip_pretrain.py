@@ -13,8 +13,18 @@ from llava_nb import clip_pretrain, config, sources, synthetic
 from llava_nb.fsutil import is_complete
 
 # A tower of the real shape (224 px, 32-px patches) but 32 wide and one layer deep: a step takes milliseconds.
-TINY = dict(vision_width=32, vision_layers=1, vision_heads=2, text_width=16, text_layers=1, text_heads=2,
-            projection_dim=16, steps=3, batch_size=4, warmup_steps=1)
+TINY = dict(
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=2,
+    text_width=16,
+    text_layers=1,
+    text_heads=2,
+    projection_dim=16,
+    steps=3,
+    batch_size=4,
+    warmup_steps=1,
+)
 
 
 def _tiny_profile(**overrides):
@@ -38,8 +48,10 @@ def test_hard_negatives_break_one_binding_and_captions_tokenize():
         negative = clip_pretrain.hard_negative(scene, rng)
         assert synthetic.clip_caption(negative) != synthetic.clip_caption(scene)
         assert [o["box"] for o in negative] == [o["box"] for o in scene]
-    longest = ("a large blue square on the right and a small green triangle on the left and a large yellow "
-               "circle on the right")
+    longest = (
+        "a large blue square on the right and a small green triangle on the left and a large yellow "
+        "circle on the right"
+    )
     ids = clip_pretrain.tokenize(["a small red circle on the left", longest])
     assert ids["input_ids"].shape[1] <= clip_pretrain.MAX_TOKENS
     assert (ids["input_ids"] == clip_pretrain.UNK).sum() == 0
@@ -48,8 +60,10 @@ def test_hard_negatives_break_one_binding_and_captions_tokenize():
 
 def test_patch_targets_say_what_each_patch_shows():
     """The patch objective's targets: per attribute, shares of the patch's pixels, background first."""
-    scene = [{"colour": "blue", "shape": "square", "side": "right", "box": (128, 0, 224, 96)},
-             {"colour": "red", "shape": "circle", "side": "left", "box": (0, 160, 40, 200)}]
+    scene = [
+        {"colour": "blue", "shape": "square", "side": "right", "box": (128, 0, 224, 96)},
+        {"colour": "red", "shape": "circle", "side": "left", "box": (0, 160, 40, 200)},
+    ]
     t = clip_pretrain.patch_targets([scene])[0]  # (49, classes)
     sizes = [len(v) for v in clip_pretrain.PATCH_CLASSES.values()]
     for part in torch.split(t, sizes, dim=-1):
@@ -70,9 +84,13 @@ def test_written_like_openais_checkpoint(tmp_path, monkeypatch):
     folder = sources._prepare_vision(_tiny_profile().model, lambda line: None)
     assert set(sources.VISION_FILES) <= {p.name for p in folder.iterdir()} and is_complete(folder)
     keys = set(torch.load(folder / "pytorch_model.bin", weights_only=True))
-    assert {"logit_scale", "text_projection.weight", "visual_projection.weight",
-            "vision_model.embeddings.patch_embedding.weight",
-            "text_model.embeddings.token_embedding.weight"} <= keys
+    assert {
+        "logit_scale",
+        "text_projection.weight",
+        "visual_projection.weight",
+        "vision_model.embeddings.patch_embedding.weight",
+        "text_model.embeddings.token_embedding.weight",
+    } <= keys
     model = CLIPModel.from_pretrained(folder)
     assert model.config.vision_config.patch_size == 32 and model.config.vision_config.image_size == 224
     assert CLIPImageProcessor.from_pretrained(folder).crop_size == {"height": 224, "width": 224}

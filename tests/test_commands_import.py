@@ -1,8 +1,9 @@
-"""The commands run in a venv that holds only requirements.txt (the README's quickstart): nothing they import may
-need a test or notebook tool, and they print no warning a user cannot act on.
+"""The commands run in a venv that holds only requirements.txt (the README's quickstart): nothing they
+import may need a test or notebook tool, and they print no warning a user cannot act on.
 
-Each check runs in a subprocess whose import system cannot see the dev tools (IPython, Jupyter, nbmake, pytest,
-Playwright, ...): they look absent, exactly as in the quickstart's venv, so this fails in the dev venv too.
+Each check runs in a subprocess whose import system cannot see the dev tools (IPython, Jupyter, nbmake,
+pytest, Playwright, ...): they look absent, exactly as in the quickstart's venv, so this fails in the dev
+venv too.
 """
 
 import pkgutil
@@ -14,8 +15,22 @@ import pytest
 
 import llava_nb
 
-DEV_ONLY = ("IPython", "ipykernel", "ipywidgets", "jupyter", "jupyter_client", "jupyter_core", "jupyterlab",
-            "nbclient", "nbconvert", "nbformat", "nbmake", "pytest", "_pytest", "playwright")
+DEV_ONLY = (
+    "IPython",
+    "ipykernel",
+    "ipywidgets",
+    "jupyter",
+    "jupyter_client",
+    "jupyter_core",
+    "jupyterlab",
+    "nbclient",
+    "nbconvert",
+    "nbformat",
+    "nbmake",
+    "pytest",
+    "_pytest",
+    "playwright",
+)
 # Run first in the subprocess: the path finder answers "no such module" for the dev tools (and jupyter_*),
 # so importlib.util.find_spec returns None and `import IPython` raises ModuleNotFoundError, as in a bare venv.
 HIDE_DEV_TOOLS = f"""
@@ -35,8 +50,9 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", HIDE_DEV_TOOLS + code], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", HIDE_DEV_TOOLS + code], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_the_dev_tools_really_are_hidden():
@@ -47,18 +63,24 @@ def test_the_dev_tools_really_are_hidden():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_command_runs_without_dev_tools_and_warns_of_nothing(command):
-    done = _run(f"import runpy, sys; sys.argv = ['llava_nb.{command}', '--help']\n"
-                f"runpy.run_module('llava_nb.{command}', run_name='__main__')")
-    assert done.returncode == 0, f"python -m llava_nb.{command} --help without dev tools:\n{done.stderr[-3000:]}"
+    done = _run(
+        f"import runpy, sys; sys.argv = ['llava_nb.{command}', '--help']\n"
+        f"runpy.run_module('llava_nb.{command}', run_name='__main__')"
+    )
+    assert done.returncode == 0, (
+        f"python -m llava_nb.{command} --help without dev tools:\n{done.stderr[-3000:]}"
+    )
     assert "usage:" in done.stdout
     assert done.stderr == "", f"python -m llava_nb.{command} --help printed to stderr:\n{done.stderr[-3000:]}"
 
 
 def test_the_benchmark_script_runs_without_dev_tools():
     """`python benchmarks/bench.py --help`: the benchmark, outside the package, needs no test tool either."""
-    done = _run(f"import runpy, sys; sys.argv = [{str(BENCHMARK)!r}, '--help']\n"
-                f"sys.path.insert(0, {str(BENCHMARK.parent)!r})\n"
-                f"runpy.run_path({str(BENCHMARK)!r}, run_name='__main__')")
+    done = _run(
+        f"import runpy, sys; sys.argv = [{str(BENCHMARK)!r}, '--help']\n"
+        f"sys.path.insert(0, {str(BENCHMARK.parent)!r})\n"
+        f"runpy.run_path({str(BENCHMARK)!r}, run_name='__main__')"
+    )
     assert done.returncode == 0, f"benchmarks/bench.py --help without dev tools:\n{done.stderr[-3000:]}"
     assert "usage: python benchmarks/bench.py" in done.stdout and done.stderr == "", done.stderr[-3000:]
 

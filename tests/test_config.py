@@ -14,7 +14,10 @@ def test_smoke_caps_every_stage_and_evaluation_but_keeps_smaller_values():
     assert smoke.stage1.max_steps == caps["stage1"]["max_steps"] < full.stage1.max_steps  # override capped
     assert smoke.stage1.per_device_train_batch_size == 1  # already below the cap: kept
     assert smoke.stage2.max_steps == caps["stage2"]["max_steps"]
-    assert smoke.eval.limit == caps["eval"]["limit"] and smoke.eval.pope_questions == caps["eval"]["pope_questions"]
+    assert (
+        smoke.eval.limit == caps["eval"]["limit"]
+        and smoke.eval.pope_questions == caps["eval"]["pope_questions"]
+    )
     assert smoke.stage2.lora_r == full.stage2.lora_r and smoke.model == full.model  # only numbers it names
     assert config.get_profile("t4", "full") == full
 

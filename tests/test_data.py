@@ -33,16 +33,21 @@ N_IMAGE_TOKENS = 49  # 7 x 7 patches of 32 px at 224 px
 def processor(backbones):
     tokenizer = AutoTokenizer.from_pretrained(backbones.lm_dir)  # SmolLM2's or the TinyLlama twin's
     processing.add_special_tokens(tokenizer)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                         image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
     config = LlavaConfig(vision_config=CLIPVisionConfig(patch_size=32).to_dict())
     return processing.build_processor(tokenizer, image_processor, config)
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return synthetic.write_dataset(tmp_path_factory.mktemp("shapes") / "ds", seed=1, n_train=48, n_test=8,
-                                   shard_size=16)
+    return synthetic.write_dataset(
+        tmp_path_factory.mktemp("shapes") / "ds", seed=1, n_train=48, n_test=8, shard_size=16
+    )
 
 
 def chat(questions, replies, image=None, image_first=True):
@@ -54,8 +59,10 @@ def chat(questions, replies, image=None, image_first=True):
         if i == 0:
             item = {"type": "image", "text": None, "index": 0}
             content = [item, *content] if image_first else [*content, item]
-        messages += [{"role": "user", "content": content},
-                     {"role": "assistant", "content": [{"type": "text", "text": r, "index": None}]}]
+        messages += [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": r, "index": None}]},
+        ]
     return {"messages": messages, "images": [image]}
 
 
@@ -88,15 +95,18 @@ def test_labels_are_exactly_the_assistant_replies(processor, replies):
     assert batch["pixel_values"].shape == (2, 3, 224, 224)
 
 
-
 def test_show_supervised_marks_exactly_the_labelled_tokens(processor):
     tok = processor.tokenizer
     replies = ["Red.", "Circle.", "Two shapes, both on the left."]
     three_turns = chat(["What colour is it?", "What shape?", "How many?"], replies)
-    batch = data.LlavaCollator(processor, max_length=512)([three_turns, chat(["Describe it."], ["A square."])])
+    batch = data.LlavaCollator(processor, max_length=512)(
+        [three_turns, chat(["Describe it."], ["A square."])]
+    )
     shown = data.show_supervised(batch, tok, row=0)
     marked = re.findall(r"\[\[(.*?)\]\]", shown, flags=re.DOTALL)
-    assert [m.strip() for m in marked] == spans(batch["labels"][0], tok) == [r + tok.eos_token for r in replies]
+    assert (
+        [m.strip() for m in marked] == spans(batch["labels"][0], tok) == [r + tok.eos_token for r in replies]
+    )
     outside = re.sub(r"\[\[.*?\]\]", "", shown, flags=re.DOTALL)
     assert outside.count(f"<image>x{N_IMAGE_TOKENS}") == 1 and "USER:" in outside  # image: never marked
     # with the markers taken out and the image run written out again, the text is the row's own decoding
@@ -142,22 +152,30 @@ def test_bad_samples_are_skipped_with_their_reason(processor, caplog):
     with caplog.at_level(logging.WARNING, logger="llava_nb.data"):
         batch = collator([*bad.values(), good, literal_placeholder, truncated_file, good])
     assert batch["input_ids"].shape[0] == 2
-    assert collator.skipped == {"undecodable_image": 2, "image_count_mismatch": 2, "malformed_messages": 1,
-                                "empty_reply": 1}
+    assert collator.skipped == {
+        "undecodable_image": 2,
+        "image_count_mismatch": 2,
+        "malformed_messages": 1,
+        "empty_reply": 1,
+    }
     assert all(reason in caplog.text for reason in bad)
 
 
 def test_stream_drops_bad_rows_and_goes_on(tmp_path):
     rng = np.random.default_rng(0)
     good = [synthetic._encode(synthetic.make_sample(rng)) for _ in range(3)]
-    rows = [good[0],
-            {**good[1], "images": [{"bytes": b"\x89PNG garbage", "path": None}]},
-            {**good[1], "images": []},
-            good[2]]
+    rows = [
+        good[0],
+        {**good[1], "images": [{"bytes": b"\x89PNG garbage", "path": None}]},
+        {**good[1], "images": []},
+        good[2],
+    ]
     table = pa.Table.from_pylist(rows, schema=synthetic.FEATURES.arrow_schema)
     pq.write_table(table, tmp_path / "train.parquet")
     skipped = Counter()
-    samples = list(streams.stream(str(tmp_path / "train.parquet"), "train", shuffle_buffer=0, skipped=skipped))
+    samples = list(
+        streams.stream(str(tmp_path / "train.parquet"), "train", shuffle_buffer=0, skipped=skipped)
+    )
     assert [s["messages"] for s in samples] == [good[0]["messages"], good[2]["messages"]]
     assert skipped == {"undecodable_image": 1, "image_count_mismatch": 1}
     assert all(s["images"][0].mode == "RGB" for s in samples)
@@ -232,8 +250,13 @@ def test_truncation_keeps_whole_turns_and_never_cuts_image_tokens(processor):
 def test_images_are_converted_to_rgb(processor):
     rgba = Image.new("RGBA", (64, 48), (255, 0, 0, 0))  # fully transparent: becomes white, not black
     palette = Image.new("RGB", (64, 64), (0, 0, 255)).convert("P")
-    images = [Image.new("L", (80, 80), 128), rgba, Image.new("CMYK", (64, 64), (0, 255, 255, 0)), palette,
-              Image.open(io.BytesIO(png_bytes(Image.new("LA", (30, 30)))))]
+    images = [
+        Image.new("L", (80, 80), 128),
+        rgba,
+        Image.new("CMYK", (64, 64), (0, 255, 255, 0)),
+        palette,
+        Image.open(io.BytesIO(png_bytes(Image.new("LA", (30, 30))))),
+    ]
     for image in images:
         rgb = data.to_rgb(image)
         assert rgb.mode == "RGB" and rgb.size == image.size
@@ -262,7 +285,8 @@ def test_batch_trains_a_tiny_llava(processor, shapes):
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**tiny, image_size=224, patch_size=32).to_dict(),
         text_config=LlamaConfig(**tiny, vocab_size=len(tok), num_key_value_heads=2).to_dict(),
-        image_token_id=processor.image_token_id, vision_feature_select_strategy="default",
+        image_token_id=processor.image_token_id,
+        vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
     collator = data.LlavaCollator(processor, max_length=256)
@@ -282,12 +306,14 @@ def test_grouping_by_length_keeps_every_sample_and_cuts_padding(processor):
     grouped = list(streams.group_by_length(iter(samples), 8, window=4, seed=1))
     key = lambda s: s["messages"][0]["content"][1]["text"]  # noqa: E731
     assert sorted(map(key, grouped)) == sorted(map(key, samples))  # a reordering, nothing lost or repeated
-    assert [key(s) for s in streams.group_by_length(iter(samples), 8, window=4, seed=1)] == list(map(key, grouped))
+    assert [key(s) for s in streams.group_by_length(iter(samples), 8, window=4, seed=1)] == list(
+        map(key, grouped)
+    )
 
     collate = data.LlavaCollator(processor, max_length=256)
 
     def padding(order):
-        batches = [collate(order[i:i + 8]) for i in range(0, len(order), 8)]
+        batches = [collate(order[i : i + 8]) for i in range(0, len(order), 8)]
         return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
 
     assert padding(grouped) < padding(samples) / 2

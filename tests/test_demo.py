@@ -28,8 +28,16 @@ README_PICTURE = Path(__file__).resolve().parent.parent / "docs" / "demo.png"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 INSTALL_TIMEOUT = 900  # seconds: apt-get fetches about 100 MB of packages
 PLAYWRIGHTS_OWN = "Playwright's own Chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TOKENS = 12  # a few words: about a second of generation on a CPU
 WAIT_MS = 120_000  # generous: the CPU is shared and slow
 IDLE = re.compile(r"\bhide\b")  # the chat's status tracker is hidden when no request is running
@@ -64,8 +72,19 @@ def url(export_dir):
     with socket.socket() as s:
         s.bind((demo.HOST, 0))
         port = s.getsockname()[1]
-    app = demo.main(["--checkpoint", str(export_dir), "--port", str(port), "--profile", "offline",
-                     "--max-new-tokens", str(TOKENS)], block=False)
+    app = demo.main(
+        [
+            "--checkpoint",
+            str(export_dir),
+            "--port",
+            str(port),
+            "--profile",
+            "offline",
+            "--max-new-tokens",
+            str(TOKENS),
+        ],
+        block=False,
+    )
     yield f"http://{demo.HOST}:{port}/"
     app.close()
 
@@ -94,8 +113,13 @@ def install_chromium() -> list[str]:
     def run(command: list[str]) -> bool:
         print("installing a browser for the demo test:", " ".join(command), flush=True)
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
-                                  env={**web_proxy.without(os.environ), "DEBIAN_FRONTEND": "noninteractive"})
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=INSTALL_TIMEOUT,
+                env={**web_proxy.without(os.environ), "DEBIAN_FRONTEND": "noninteractive"},
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             log.append(f"{' '.join(command)}: {e}")
             return False
@@ -126,11 +150,14 @@ def browser():
             installed = install_chromium()
             browser, tried_again = launch_chromium(p)
             if browser is None:
-                pytest.fail("no Chromium starts for the demo test. Tried:\n  "
-                            + "\n  ".join(tried + tried_again)
-                            + "\nInstalling one:\n  " + "\n  ".join(installed)
-                            + "\nFix: `sudo apt-get install -y chromium` (Debian), or `python -m playwright "
-                            f"install --with-deps chromium`, or set {CHROMIUM_ENV} to a Chromium or Chrome.")
+                pytest.fail(
+                    "no Chromium starts for the demo test. Tried:\n  "
+                    + "\n  ".join(tried + tried_again)
+                    + "\nInstalling one:\n  "
+                    + "\n  ".join(installed)
+                    + "\nFix: `sudo apt-get install -y chromium` (Debian), or `python -m playwright "
+                    f"install --with-deps chromium`, or set {CHROMIUM_ENV} to a Chromium or Chrome."
+                )
         yield browser
         browser.close()
 
@@ -210,8 +237,10 @@ def test_a_trained_export_answers_right_in_the_page_and_the_readme_shows_it(open
     from playwright.sync_api import expect
 
     if not os.environ.get(DEMO_EXPORT_ENV):
-        pytest.skip(f"needs a trained export: {DEMO_EXPORT_ENV}=outputs/offline/stage1 (train it with the "
-                    "README's quickstart)")
+        pytest.skip(
+            f"needs a trained export: {DEMO_EXPORT_ENV}=outputs/offline/stage1 (train it with the "
+            "README's quickstart)"
+        )
     scene_file = tmp_path / "scene.png"
     rng = np.random.default_rng(2026)  # not a training seed's scene
     image, scene = synthetic.draw_scene(rng)
@@ -273,9 +302,18 @@ def test_a_cleared_conversation_is_not_shown_again():
     chat.messages = [infer.user_turn("How many shapes are there?"), infer.assistant_turn("Two.")]
     kept = demo.Conversation("scene.png", chat)
     assert next(demo.respond(None, None, "scene.png", "", kept, 8, 0.0)) == (
-        demo.to_messages(chat), kept, demo.EMPTY_QUESTION, "")
+        demo.to_messages(chat),
+        kept,
+        demo.EMPTY_QUESTION,
+        "",
+    )
     assert demo.forget(kept) == (None, [], "")
-    assert next(demo.respond(None, None, None, "And now?", kept, 8, 0.0)) == ([], None, demo.NO_IMAGE, "And now?")
+    assert next(demo.respond(None, None, None, "And now?", kept, 8, 0.0)) == (
+        [],
+        None,
+        demo.NO_IMAGE,
+        "And now?",
+    )
 
 
 def test_temperature_zero_is_greedy():

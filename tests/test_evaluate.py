@@ -1,4 +1,5 @@
-"""Evaluation: answer normalisation, teacher-forced question turns, the token loss, the command's JSON line."""
+"""Evaluation: answer normalisation, teacher-forced question turns, the token loss, the command's JSON
+line."""
 
 import json
 
@@ -6,28 +7,45 @@ import numpy as np
 import pytest
 import torch
 
-from llava_nb import config, evaluate, plots, synthetic
+from llava_nb import config, evaluate, plots, scoring, synthetic
 from llava_nb.data import LlavaCollator
 
 
-@pytest.mark.parametrize("predicted, expected", [
-    ("Red.", "red"), ("  RED ", "Red."), ("The red.", "Red."), ("3", "Three."), ("three", "3"),
-    ("Left!", "left"), ("a circle", "Circle."), ("Two", "2."), ("zero.", "0"),
-])
+@pytest.mark.parametrize(
+    "predicted, expected",
+    [
+        ("Red.", "red"),
+        ("  RED ", "Red."),
+        ("The red.", "Red."),
+        ("3", "Three."),
+        ("three", "3"),
+        ("Left!", "left"),
+        ("a circle", "Circle."),
+        ("Two", "2."),
+        ("zero.", "0"),
+    ],
+)
 def test_equivalent_answers_match(predicted, expected):
-    assert evaluate.is_correct(predicted, expected)
+    assert scoring.is_correct(predicted, expected)
 
 
-@pytest.mark.parametrize("predicted, expected", [
-    ("The circle is red.", "Red."), ("redd", "red"), ("Two.", "Three."), ("", "Left."), ("left or right", "Left."),
-])
+@pytest.mark.parametrize(
+    "predicted, expected",
+    [
+        ("The circle is red.", "Red."),
+        ("redd", "red"),
+        ("Two.", "Three."),
+        ("", "Left."),
+        ("left or right", "Left."),
+    ],
+)
 def test_different_answers_do_not(predicted, expected):
-    assert not evaluate.is_correct(predicted, expected)
+    assert not scoring.is_correct(predicted, expected)
 
 
 def test_normalisation():
-    assert evaluate.normalize_answer("The THREE red, circles!") == "3 red circles"
-    assert evaluate.normalize_answer("An apple... a day") == "apple day"
+    assert scoring.normalize_answer("The THREE red, circles!") == "3 red circles"
+    assert scoring.normalize_answer("An apple... a day") == "apple day"
 
 
 def _multi_turn_sample(seed=3):
@@ -40,7 +58,7 @@ def _multi_turn_sample(seed=3):
 
 def test_question_turns_carry_the_true_history():
     sample = _multi_turn_sample()
-    turns = evaluate.question_turns(sample, sample_index=5)
+    turns = scoring.question_turns(sample, sample_index=5)
     messages = sample["messages"]
     assert len(turns) == len(messages) // 2
     for k, turn in enumerate(turns):
@@ -53,7 +71,7 @@ def test_question_turns_carry_the_true_history():
 def test_eval_loss_is_the_models_own_loss_on_one_batch(built):
     model, processor = built
     samples = [_multi_turn_sample(1), _multi_turn_sample(2)]
-    loss, tokens, skipped = evaluate.eval_loss(model, processor, samples, max_length=256, batch_size=2)
+    loss, tokens, skipped = scoring.eval_loss(model, processor, samples, max_length=256, batch_size=2)
     batch = LlavaCollator(processor, max_length=256)(samples)
     with torch.inference_mode():
         reference = model(**batch).loss.item()  # mean over the batch's supervised tokens
@@ -63,8 +81,9 @@ def test_eval_loss_is_the_models_own_loss_on_one_batch(built):
 
 def test_command_prints_a_table_then_one_json_line(built, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "load_model", lambda checkpoint, profile, device=None: built)
-    metrics = evaluate.main(["--checkpoint", "untrained", "--profile", "offline", "--limit", "2",
-                             "--max-new-tokens", "2"])
+    metrics = evaluate.main(
+        ["--checkpoint", "untrained", "--profile", "offline", "--limit", "2", "--max-new-tokens", "2"]
+    )
     out = capsys.readouterr().out.rstrip("\n").splitlines()
     assert "eval loss" in "\n".join(out[:-1]) and "accuracy" in out[2]
     last = json.loads(out[-1])
@@ -81,22 +100,25 @@ def test_answers_line_up_for_a_before_after_grid(built):
     result = evaluate.evaluate(model, processor, profile, samples=samples, max_new_tokens=2, name="untrained")
     assert all(a["image"] is not None and a["correct"] is not None for a in result.answers)
     assert result.metrics["accuracy"] == pytest.approx(
-        sum(a["correct"] for a in result.answers) / len(result.answers), abs=1e-4)
+        sum(a["correct"] for a in result.answers) / len(result.answers), abs=1e-4
+    )
     # "after": the same questions, answered by a rule that is always right, so the columns must differ
     right = [dict(a, predicted=a["expected"], correct=True) for a in result.answers]
-    after = evaluate.Evaluation(dict(result.metrics, **evaluate._metrics(right, synthetic.QUESTION_KINDS)),
-                                right)
+    after = scoring.Evaluation(
+        dict(result.metrics, **scoring.metrics_by_kind(right, synthetic.QUESTION_KINDS)), right
+    )
     fig = plots.answer_grid({"before": result.answers, "after": right}, n=2, ncols=2)
     titles = [ax.get_title(loc="left") for ax in fig.axes]
     shown = sorted(right, key=lambda a: a["turn"])[:2]  # the grid shows first turns first
     assert len(titles) == 2 and all(f"after: {a['expected']} ✓" in t for a, t in zip(shown, titles)), titles
-    table = evaluate.comparison({"before": result, "after": after})
+    table = scoring.comparison({"before": result, "after": after})
     assert set(table["before"]) == {*synthetic.QUESTION_KINDS, "all", "eval_loss"}
     assert table["after"]["all"] == 1.0 and table["before"]["all"] == result.metrics["accuracy"]
 
 
 def test_t4_path_reads_its_images_and_reports_no_accuracy(built, monkeypatch, tmp_path):
-    """The t4 branch on local data: loss on the split, answers on the fixed images (urlopen faked: no network)."""
+    """The t4 branch on local data: loss on the split, answers on the fixed images (urlopen faked: no
+    network)."""
     import io
 
     from llava_nb import infer
@@ -113,8 +135,11 @@ def test_t4_path_reads_its_images_and_reports_no_accuracy(built, monkeypatch, tm
             return False
 
     urls = []
-    monkeypatch.setattr(infer.urllib.request, "urlopen",
-                        lambda request, timeout: urls.append(request.full_url) or Response(png.getvalue()))
+    monkeypatch.setattr(
+        infer.urllib.request,
+        "urlopen",
+        lambda request, timeout: urls.append(request.full_url) or Response(png.getvalue()),
+    )
     offline = config.get_profile("offline")
     samples = evaluate.held_out_samples(offline, 2)  # local stand-ins for the hub's free-form test split
     profile = config.get_profile("offline", data={"dataset": evaluate.FREE_FORM_DATASETS[0]})
@@ -132,16 +157,24 @@ def test_a_users_dataset_is_scored_on_its_short_answers(built):
     image = synthetic.draw_scene(np.random.default_rng(0))[0]
 
     def turn(role, text, image_first=False):
-        content = ([{"type": "image", "text": None, "index": 0}] if image_first else [])
+        content = [{"type": "image", "text": None, "index": 0}] if image_first else []
         return {"role": role, "content": content + [{"type": "text", "text": text, "index": None}]}
 
-    samples = [{"images": [image], "messages": [
-        turn("user", "Which fruit is this?", image_first=True), turn("assistant", "A green apple."),
-        turn("user", "Describe it."), turn("assistant", "A round fruit lying on a white table in the sun."),
-        turn("user", "How many shapes are there?"), turn("assistant", "Two.")]}]
+    samples = [
+        {
+            "images": [image],
+            "messages": [
+                turn("user", "Which fruit is this?", image_first=True),
+                turn("assistant", "A green apple."),
+                turn("user", "Describe it."),
+                turn("assistant", "A round fruit lying on a white table in the sun."),
+                turn("user", "How many shapes are there?"),
+                turn("assistant", "Two."),
+            ],
+        }
+    ]
     replies = ("A green apple.", "Two.", "A round fruit lying on a table.", "")
-    assert [evaluate.is_short_answer(t) for t in replies] \
-        == [True, True, False, False]
+    assert [scoring.is_short_answer(t) for t in replies] == [True, True, False, False]
     profile = config.get_profile("offline", data={"dataset": "/somewhere/my-dataset"})
     result = evaluate.evaluate(model, processor, profile, samples=samples, max_new_tokens=2)
     expected = [("other", "A green apple."), ("count", "Two.")]

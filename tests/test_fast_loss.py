@@ -20,8 +20,10 @@ def batch(built, profile):
 
 def trainers(model, tmp_path) -> tuple[trainer.LlavaTrainer, trainer.LlavaTrainer]:
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    return (trainer.LlavaTrainer(model=model, args=args, fast_loss=True),
-            trainer.LlavaTrainer(model=model, args=args, fast_loss=False))
+    return (
+        trainer.LlavaTrainer(model=model, args=args, fast_loss=True),
+        trainer.LlavaTrainer(model=model, args=args, fast_loss=False),
+    )
 
 
 def test_fast_loss_equals_model_loss(built, batch, tmp_path):
@@ -63,7 +65,11 @@ def stage1(profile, backbones):
 
 def with_padding(batch: dict, columns: int) -> dict:
     """The batch with `columns` more padding columns on the right, as a longer sample elsewhere would add."""
-    pad = {"input_ids": 0, "attention_mask": 0, "labels": data.IGNORE_INDEX}  # the token under a 0 mask is moot
+    pad = {
+        "input_ids": 0,
+        "attention_mask": 0,
+        "labels": data.IGNORE_INDEX,
+    }  # the token under a 0 mask is moot
     out = dict(batch)
     for k, v in pad.items():
         out[k] = torch.cat([batch[k], torch.full((batch[k].shape[0], columns), int(v))], dim=1)
@@ -99,8 +105,8 @@ def test_trim_drops_only_columns_after_the_last_target(stage1, batch):
     padded = with_padding(batch, 3)
     trimmed = trainer.trim_after_last_target(padded, stage1.config.image_token_id)
     assert trimmed["input_ids"].shape[1] <= batch["input_ids"].shape[1]
-    assert torch.equal(trimmed["labels"], padded["labels"][:, :trimmed["labels"].shape[1]])
-    assert (padded["labels"][:, trimmed["labels"].shape[1]:] == data.IGNORE_INDEX).all()
+    assert torch.equal(trimmed["labels"], padded["labels"][:, : trimmed["labels"].shape[1]])
+    assert (padded["labels"][:, trimmed["labels"].shape[1] :] == data.IGNORE_INDEX).all()
     assert trimmed["pixel_values"] is padded["pixel_values"]
 
 
@@ -135,7 +141,9 @@ def test_less_work_under_bf16_autocast_stays_within_rounding(stage1, batch, tmp_
         a_loss = lean.compute_loss(stage1, dict(batch))
         b_loss = plain.compute_loss(stage1, dict(batch))
     torch.testing.assert_close(a_loss, b_loss, rtol=1e-2, atol=1e-3)
-    for ga, gb in zip(torch.autograd.grad(a_loss, projector), torch.autograd.grad(b_loss, projector), strict=True):
+    for ga, gb in zip(
+        torch.autograd.grad(a_loss, projector), torch.autograd.grad(b_loss, projector), strict=True
+    ):
         # bf16 keeps 8 bits: element-wise a few outliers differ, the gradient as a whole must not
         assert float((ga - gb).norm() / gb.norm()) < 2e-2
 
@@ -152,8 +160,11 @@ def test_bf16_frozen_weights_give_the_same_loss_and_gradients(profile, backbones
     wide = stage1
     narrow, _ = stages.stage_model(profile, 1)  # as training builds it
     embedding = narrow.get_input_embeddings().weight
-    linear = [m.weight for m in narrow.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad
-              and m.weight is not embedding]  # SmolLM2's head is tied to its embeddings
+    linear = [
+        m.weight
+        for m in narrow.modules()
+        if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight is not embedding
+    ]  # SmolLM2's head is tied to its embeddings
     assert linear and all(w.dtype == torch.bfloat16 for w in linear)  # TinyLlama's untied head too
     assert narrow.get_input_embeddings().weight.dtype == torch.float32  # and with it a tied head
     assert all(p.dtype == torch.float32 for p in narrow.parameters() if p.requires_grad)

@@ -1,4 +1,4 @@
-"""Inference: images from paths, PIL and (faked) URLs; streaming = plain generation; batch = one by one; chats."""
+"""Inference: images from paths, PIL and URLs; streaming = plain generation; batch = one by one; chats."""
 
 import contextlib
 import io
@@ -86,7 +86,9 @@ def test_url_is_fetched_with_a_timeout_and_errors_are_clear(monkeypatch, scenes)
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(infer.urllib.request, "urlopen", unreachable)
-    with pytest.raises(ConnectionError, match="could not download image https://example.org/x.jpg within 20 s"):
+    with pytest.raises(
+        ConnectionError, match="could not download image https://example.org/x.jpg within 20 s"
+    ):
         infer.load_image("https://example.org/x.jpg")
 
 
@@ -127,20 +129,29 @@ def test_streamed_pieces_join_to_the_plain_answer(built, scenes):
     model, processor = built
     question = "Describe the image briefly."
     plain = infer.answer(model, processor, scenes[0], question, max_new_tokens=TOKENS)
-    pieces = list(infer.stream(model, processor, [infer.user_turn(question)], [scenes[0]], max_new_tokens=TOKENS))
+    pieces = list(
+        infer.stream(model, processor, [infer.user_turn(question)], [scenes[0]], max_new_tokens=TOKENS)
+    )
     assert len(pieces) > 1  # it did stream
     assert "".join(pieces) == plain and plain
 
 
 def test_a_left_padded_batch_answers_as_one_by_one(built, scenes):
     model, processor = built
-    questions = ["How many shapes are there?", "Is the red circle on the left or the right side?",
-                 "What colour is the square?"]  # different lengths: the batch needs padding
+    questions = [
+        "How many shapes are there?",
+        "Is the red circle on the left or the right side?",
+        "What colour is the square?",
+    ]  # different lengths: the batch needs padding
     batch = infer.answer_batch(model, processor, scenes, questions, max_new_tokens=TOKENS)
     inputs = infer.encode(processor, [[infer.user_turn(q)] for q in questions], [[im] for im in scenes])
-    assert (inputs["attention_mask"][:, 0] == 0).any() and (inputs["attention_mask"][:, -1] == 1).all()  # left
+    assert (inputs["attention_mask"][:, 0] == 0).any() and (
+        inputs["attention_mask"][:, -1] == 1
+    ).all()  # left
     # fp32 sums differ in the last bits between padded and unpadded rows: compare the decoded text
-    assert batch == [infer.answer(model, processor, im, q, max_new_tokens=TOKENS) for im, q in zip(scenes, questions)]
+    assert batch == [
+        infer.answer(model, processor, im, q, max_new_tokens=TOKENS) for im, q in zip(scenes, questions)
+    ]
     assert all(batch) and len(set(batch)) > 1, batch  # real, distinct answers: an empty batch would not pass
 
 
@@ -159,8 +170,9 @@ def test_closing_a_stream_early_stops_generation(built, scenes):
             Steps.n += 1
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    chat = infer.Chat(model, processor, scenes[0], max_new_tokens=200, min_new_tokens=200,
-                      stopping_criteria=[Steps()])
+    chat = infer.Chat(
+        model, processor, scenes[0], max_new_tokens=200, min_new_tokens=200, stopping_criteria=[Steps()]
+    )
     pieces = chat.stream("Describe the image briefly.")
     next(pieces)
     pieces.close()  # a Stop button: the generating thread ends at its next token and is joined
@@ -177,7 +189,10 @@ def test_a_follow_up_sees_the_image_and_the_earlier_turn(built, scenes):
     chat = infer.Chat(model, processor, scenes[0], max_new_tokens=4)
     first = chat.ask("What colour is the circle?")
     second = "".join(chat.stream("And how many shapes are there?"))
-    assert chat.history() == [("What colour is the circle?", first), ("And how many shapes are there?", second)]
+    assert chat.history() == [
+        ("What colour is the circle?", first),
+        ("And how many shapes are there?", second),
+    ]
     kinds = [[item["type"] for item in m["content"]] for m in chat.messages]
     assert kinds == [["image", "text"], ["text"], ["text"], ["text"]]  # the image once, in the first question
     prompt = processor.apply_chat_template(chat._prompt("Where is it?"), add_generation_prompt=True)
@@ -198,16 +213,25 @@ def test_training_and_inference_tokenise_every_prompt_alike(built, scenes):
     from llava_nb import data
 
     _, processor = built
-    conversation = [infer.user_turn("What colour is the circle?"), infer.assistant_turn("Red."),
-                    infer.user_turn("How many are there?", with_image=False), infer.assistant_turn("Two."),
-                    infer.user_turn("Which side?", with_image=False), infer.assistant_turn("The left side.")]
-    encoded = data.LlavaCollator(processor, max_length=512).encode({"messages": conversation, "images": scenes[:1]})
+    conversation = [
+        infer.user_turn("What colour is the circle?"),
+        infer.assistant_turn("Red."),
+        infer.user_turn("How many are there?", with_image=False),
+        infer.assistant_turn("Two."),
+        infer.user_turn("Which side?", with_image=False),
+        infer.assistant_turn("The left side."),
+    ]
+    encoded = data.LlavaCollator(processor, max_length=512).encode(
+        {"messages": conversation, "images": scenes[:1]}
+    )
     ids, supervised = encoded["input_ids"], (encoded["labels"] != data.IGNORE_INDEX).int()
     starts = [int(i) + 1 for i in torch.nonzero(supervised[1:] - supervised[:-1] == 1)]
     assert len(starts) == 3
     for k, start in enumerate(starts):
-        prompt = infer.encode(processor, [conversation[:2 * k + 1]], [scenes[:1]])["input_ids"][0]
-        assert prompt.tolist() == ids[:start].tolist(), f"reply {k + 1}: training and inference prompts differ"
+        prompt = infer.encode(processor, [conversation[: 2 * k + 1]], [scenes[:1]])["input_ids"][0]
+        assert prompt.tolist() == ids[:start].tolist(), (
+            f"reply {k + 1}: training and inference prompts differ"
+        )
 
 
 def test_missing_checkpoint_names_the_notebook_and_the_command(tmp_path):
@@ -217,12 +241,27 @@ def test_missing_checkpoint_names_the_notebook_and_the_command(tmp_path):
     assert "notebooks/05_training.ipynb" in str(e.value)
     assert f"python -m llava_nb.train --profile offline --stage 1 --export-dir {folder}" in str(e.value)
     (folder / "checkpoint-4").mkdir(parents=True)
-    assert "is not an exported model (missing config.json" in infer.checkpoint_problem(folder / "checkpoint-4")
+    assert "is not an exported model (missing config.json" in infer.checkpoint_problem(
+        folder / "checkpoint-4"
+    )
 
 
 def test_evaluate_command_on_a_missing_folder_exits_with_the_hint(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "llava_nb.evaluate", "--checkpoint", str(tmp_path / "none"),
-                           "--profile", "offline"], check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_nb.evaluate",
+            "--checkpoint",
+            str(tmp_path / "none"),
+            "--profile",
+            "offline",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "05_training.ipynb" in done.stderr and "python -m llava_nb.train" in done.stderr
     assert done.stdout == ""
@@ -239,6 +278,8 @@ def test_an_export_loads_with_plain_transformers(built, scenes, tmp_path):
     assert type(loaded_processor).__name__ == "LlavaProcessor"
     prompt = [[infer.user_turn("What colour is the circle?")]]
     a, b = infer.encode(processor, prompt, [scenes[:1]]), infer.encode(loaded_processor, prompt, [scenes[:1]])
-    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.allclose(a["pixel_values"], b["pixel_values"])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.allclose(
+        a["pixel_values"], b["pixel_values"]
+    )
     with torch.inference_mode():
         assert torch.allclose(model(**a).logits, loaded(**b).logits, atol=1e-4)

@@ -35,7 +35,8 @@ def test_colab_opens_every_notebook_on_a_t4_with_the_bootstrap_cell(path):
     assert notebook["metadata"]["accelerator"] == "GPU"
     assert notebook["metadata"]["colab"]["gpuType"] == "T4"
     assert "".join(colab.first_code_cell(notebook)["source"]) == colab.bootstrap_source(), (
-        f"{path.name}: its first code cell is not llava_nb/colab.py's: run python -m llava_nb.colab")
+        f"{path.name}: its first code cell is not llava_nb/colab.py's: run python -m llava_nb.colab"
+    )
     assert notebook["cells"][0]["cell_type"] == "markdown"  # the title comes first, then the bootstrap
     assert len(colab.bootstrap_source().splitlines()) < 8
     assert "runs.use_drive()" in "".join("".join(c["source"]) for c in notebook["cells"])  # runs on Drive
@@ -47,9 +48,10 @@ def test_no_run_of_six_lines_repeats_across_notebooks():
         for cell in read(path)["cells"][2:]:  # after the title and the Colab cell
             lines = [line.strip() for line in "".join(cell["source"]).splitlines() if line.strip()]
             for i in range(len(lines) - 5):
-                run = tuple(lines[i:i + 6])
+                run = tuple(lines[i : i + 6])
                 assert seen.setdefault(run, path.name) == path.name, (
-                    f"{path.name} repeats six lines of {seen[run]}: {run}")
+                    f"{path.name} repeats six lines of {seen[run]}: {run}"
+                )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -103,9 +105,14 @@ def run_bootstrap(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedPr
     git.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/git-args\nexit 1\n')  # no network: the clone "fails"
     git.chmod(0o755)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("COLAB_")}
-    return subprocess.run([sys.executable, "-c", colab.bootstrap_source("bob/fork-of-it")], cwd=tmp_path,
-                          text=True, capture_output=True, timeout=60,
-                          env={**clean, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", **env})
+    return subprocess.run(
+        [sys.executable, "-c", colab.bootstrap_source("bob/fork-of-it")],
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        timeout=60,
+        env={**clean, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", **env},
+    )
 
 
 def test_outside_colab_the_first_cell_does_nothing(tmp_path):
@@ -117,11 +124,16 @@ def test_outside_colab_the_first_cell_does_nothing(tmp_path):
 def test_in_colab_the_first_cell_clones_the_repository_and_stops_when_that_fails(tmp_path):
     done = run_bootstrap(tmp_path, {"COLAB_RELEASE_TAG": "test"})
     assert (tmp_path / "git-args").read_text().split() == [
-        "clone", "-q", "--depth=1", "https://github.com/bob/fork-of-it", colab.CLONE_DIR]
+        "clone",
+        "-q",
+        "--depth=1",
+        "https://github.com/bob/fork-of-it",
+        colab.CLONE_DIR,
+    ]
     assert done.returncode != 0 and "CalledProcessError" in done.stderr  # nothing runs after a failed clone
 
 
-PLOT_INPUTS = '''\
+PLOT_INPUTS = """\
 import numpy as np
 from types import SimpleNamespace
 from llava_nb import config, evaluate, plots
@@ -133,19 +145,26 @@ answers = [dict(turn=0, image=scene, question="What colour?", expected="red", pr
            for p in ("red", "blue")]
 before = after = SimpleNamespace(answers=answers)
 pope_before = SimpleNamespace(metrics={"accuracy": 0.5, "f1": 0.6667})
-pope_after = SimpleNamespace(metrics={"accuracy": 0.8, "f1": 0.79})'''
+pope_after = SimpleNamespace(metrics={"accuracy": 0.8, "f1": 0.79})"""
 
 
 def test_the_notebooks_plotting_cells_show_pictures_in_a_stock_kernel():
     """The plotting cells of notebooks 05 and 06, verbatim, on small stand-in results: each shows an image/png
     (no `%matplotlib inline`, no pyplot: a kernel as `pip install jupyterlab` gives it)."""
-    cells = [(path.name, "".join(c["source"])) for path in NOTEBOOKS for c in read(path)["cells"]
-             if c["cell_type"] == "code" and "plots." in "".join(c["source"])]
+    cells = [
+        (path.name, "".join(c["source"]))
+        for path in NOTEBOOKS
+        for c in read(path)["cells"]
+        if c["cell_type"] == "code" and "plots." in "".join(c["source"])
+    ]
     assert {name for name, _ in cells} == {"05_training.ipynb", "06_inference.ipynb"}
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(PLOT_INPUTS)]
-                                        + [nbformat.v4.new_code_cell(source) for _, source in cells])
-    NotebookClient(notebook, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT)}}).execute()
+    notebook = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(PLOT_INPUTS)]
+        + [nbformat.v4.new_code_cell(source) for _, source in cells]
+    )
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     for (name, source), cell in zip(cells, notebook.cells[1:]):
         kinds = {kind for output in cell.outputs for kind in output.get("data", {})}
         assert "image/png" in kinds, f"{name}: {source!r} showed {[o.get('data', o) for o in cell.outputs]}"

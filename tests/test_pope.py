@@ -7,7 +7,6 @@ import os
 from collections import Counter
 
 import datasets
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,17 +14,46 @@ from llava_nb import config, evaluate, pope
 from tests.hub import twins
 
 
-@pytest.mark.parametrize("reply, parsed", [
-    ("Yes", "yes"), ("Yes.", "yes"), ("yes, there is", "yes"), ("  YES!", "yes"),
-    ("Yes, there is a dog.", "yes"),
-    ("No", "no"), ("no.", "no"), ("No, there is not.", "no"), ("There is not a dog", "no"), ("nope", "no"),
-    ("", "other"), ("   ", "other"), ("yes or no", "other"), ("Yes. No.", "other"),
-    ("There is a dog.", "other"),
-    ("Oui", "yes"), ("Oui !", "yes"), ("Non.", "no"), ("Sí", "yes"), ("Ja", "yes"), ("Nein", "no"),
-    ("是", "yes"), ("是的，有。", "yes"), ("有", "yes"), ("不是", "no"), ("没有。", "no"), ("否", "no"),
-    ("yes。", "yes"), ("Ｙｅｓ", "yes"), ("ＮＯ！", "no"), ("はい", "yes"), ("いいえ", "no"),
-    ("yesterday", "other"), ("Nothing", "other"), ("Noted", "other"),
-])
+@pytest.mark.parametrize(
+    "reply, parsed",
+    [
+        ("Yes", "yes"),
+        ("Yes.", "yes"),
+        ("yes, there is", "yes"),
+        ("  YES!", "yes"),
+        ("Yes, there is a dog.", "yes"),
+        ("No", "no"),
+        ("no.", "no"),
+        ("No, there is not.", "no"),
+        ("There is not a dog", "no"),
+        ("nope", "no"),
+        ("", "other"),
+        ("   ", "other"),
+        ("yes or no", "other"),
+        ("Yes. No.", "other"),
+        ("There is a dog.", "other"),
+        ("Oui", "yes"),
+        ("Oui !", "yes"),
+        ("Non.", "no"),
+        ("Sí", "yes"),
+        ("Ja", "yes"),
+        ("Nein", "no"),
+        ("是", "yes"),
+        ("是的，有。", "yes"),
+        ("有", "yes"),
+        ("不是", "no"),
+        ("没有。", "no"),
+        ("否", "no"),
+        ("yes。", "yes"),
+        ("Ｙｅｓ", "yes"),
+        ("ＮＯ！", "no"),
+        ("はい", "yes"),
+        ("いいえ", "no"),
+        ("yesterday", "other"),
+        ("Nothing", "other"),
+        ("Noted", "other"),
+    ],
+)
 def test_replies_are_read_as_yes_no_or_other(reply, parsed):
     assert pope.parse_yes_no(reply) == parsed
 
@@ -79,7 +107,8 @@ def test_the_twin_has_the_real_layout_features_and_balance(pope_twin):
 
     folder = Path(pope_twin)
     assert sorted(p.name for p in (folder / "data").iterdir()) == [
-        f"test-0000{i}-of-00003.parquet" for i in range(3)]
+        f"test-0000{i}-of-00003.parquet" for i in range(3)
+    ]
     card = (folder / "README.md").read_text()
     assert "config_name: default" in card and "path: data/test-*" in card and "config_name: Full" in card
     ds = datasets.load_dataset(pope_twin, split="test", streaming=True)
@@ -99,7 +128,8 @@ def test_the_subset_is_seeded_and_balanced(pope_twin):
     first = pope.questions(pope_twin, 12, seed=0)
     assert [q["id"] for q in first] == [q["id"] for q in pope.questions(pope_twin, 12, seed=0)]
     assert Counter((q["category"], q["answer"]) for q in first) == Counter(
-        {(c, a): 2 for c in pope.CATEGORIES for a in pope.ANSWERS})
+        {(c, a): 2 for c in pope.CATEGORIES for a in pope.ANSWERS}
+    )
     other = pope.questions(pope_twin, 12, seed=1)
     assert {q["id"] for q in other} != {q["id"] for q in first}
     assert all(isinstance(q["image"], Image.Image) and q["image"].mode == "RGB" for q in first)
@@ -108,14 +138,18 @@ def test_the_subset_is_seeded_and_balanced(pope_twin):
 
 
 def test_bad_rows_are_skipped_and_counted(pope_twin, tmp_path):
-    every = list(datasets.load_dataset(pope_twin, split="test", streaming=True)
-                 .cast_column("image", datasets.Image(decode=False)))
+    every = list(
+        datasets.load_dataset(pope_twin, split="test", streaming=True).cast_column(
+            "image", datasets.Image(decode=False)
+        )
+    )
     rows = [r for c in pope.CATEGORIES for r in [r for r in every if r["category"] == c][:4]]  # 2 yes, 2 no
     rows[0]["image"] = {"bytes": b"\xff\xd8\xff\xe0 not a whole JPEG", "path": "broken.jpg"}
     rows[1]["answer"] = "maybe"
     rows[4]["category"] = "other"
     datasets.Dataset.from_list(rows, features=twins.pope_features()).to_parquet(
-        str(tmp_path / "test-00000-of-00001.parquet"))
+        str(tmp_path / "test-00000-of-00001.parquet")
+    )
     skipped = Counter()
     got = pope.questions(str(tmp_path), 12, skipped=skipped)
     assert skipped == Counter(undecodable_image=1, not_yes_no=1, unknown_category=1)
@@ -124,7 +158,8 @@ def test_bad_rows_are_skipped_and_counted(pope_twin, tmp_path):
 
 def test_a_dataset_that_is_not_pope_is_a_clear_error(tmp_path):
     datasets.Dataset.from_list([{"question": "Is it?", "answer": "yes"}]).to_parquet(
-        str(tmp_path / "test-00000-of-00001.parquet"))
+        str(tmp_path / "test-00000-of-00001.parquet")
+    )
     with pytest.raises(pope.NotPope, match=r"lacks the column\(s\) \['id', 'question_id'"):
         pope.questions(str(tmp_path), 6)
 
@@ -137,14 +172,18 @@ def test_evaluate_scores_pope_from_the_model_replies(built, profile, pope_twin, 
     assert [a["question"] for a in result.answers] == [q["question"] for q in questions]
     assert result.metrics["n"] == 6 and sum(result.metrics[k] for k in ("yes", "no", "other")) == 6
     prompts = []
-    monkeypatch.setattr(evaluate, "answer_turns", lambda m, p, turns, *a, **k: prompts.extend(turns)
-                        or ["Yes."] * len(turns))
+    monkeypatch.setattr(
+        evaluate, "answer_turns", lambda m, p, turns, *a, **k: prompts.extend(turns) or ["Yes."] * len(turns)
+    )
     always = evaluate.evaluate_pope(model, processor, profile, questions=questions)
     assert always.metrics["yes_ratio"] == 1.0 and always.metrics["accuracy"] == 0.5
     text = processor.apply_chat_template(prompts[0]["prompt"], add_generation_prompt=True)
     assert questions[0]["question"] + " " + pope.INSTRUCTION in text and "<image>" in text
-    monkeypatch.setattr(evaluate, "answer_turns", lambda m, p, turns, *a, **k: [
-        {"yes": "Yes, there is.", "no": "No."}[q["answer"]] for q in questions])
+    monkeypatch.setattr(
+        evaluate,
+        "answer_turns",
+        lambda m, p, turns, *a, **k: [{"yes": "Yes, there is.", "no": "No."}[q["answer"]] for q in questions],
+    )
     right = evaluate.evaluate_pope(model, processor, profile, questions=questions)
     assert right.metrics["accuracy"] == right.metrics["f1"] == 1.0 and right.metrics["yes_ratio"] == 0.5
     assert "adversarial" in right.table() and "100.0%" in right.table()
@@ -156,13 +195,27 @@ def test_the_command_runs_pope_through_the_hub_or_a_folder(built, profile, pope_
     monkeypatch.setattr(evaluate, "load_model", lambda checkpoint, profile, device=None: built)
     through_hub = os.environ.get(config.PROFILE_ENV) == "t4"
     source = [] if through_hub else ["--dataset", pope_twin]
-    metrics = evaluate.main(["--checkpoint", "untrained", "--profile", profile.name, "--benchmark", "pope",
-                             "--limit", "6", "--max-new-tokens", "2", *source])
+    metrics = evaluate.main(
+        [
+            "--checkpoint",
+            "untrained",
+            "--profile",
+            profile.name,
+            "--benchmark",
+            "pope",
+            "--limit",
+            "6",
+            "--max-new-tokens",
+            "2",
+            *source,
+        ]
+    )
     out = capsys.readouterr().out.rstrip("\n").splitlines()
     assert json.loads(out[-1]) == metrics and metrics["benchmark"] == "pope"
     assert metrics["dataset"] == (pope.REPO if through_hub else pope_twin)
     assert metrics["n"] == 6 and {c: r["n"] for c, r in metrics["per_category"].items()} == {
-        c: 2 for c in pope.CATEGORIES}
+        c: 2 for c in pope.CATEGORIES
+    }
     assert any(line.startswith("all") for line in out) and "skipped" not in metrics
 
 

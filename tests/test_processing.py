@@ -8,8 +8,9 @@ from transformers import AutoTokenizer
 from llava_nb import data, processing
 
 SYSTEM = processing.SYSTEM_PROMPT
-Q1 = [{"role": "user",
-       "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
+Q1 = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}
+]
 A1 = [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]
 Q2 = [{"role": "user", "content": [{"type": "text", "text": "How many circles are there?"}]}]
 A2 = [{"role": "assistant", "content": [{"type": "text", "text": "One."}]}]
@@ -17,7 +18,8 @@ A2 = [{"role": "assistant", "content": [{"type": "text", "text": "One."}]}]
 
 @pytest.fixture
 def tokenizer(backbones):
-    """A fresh tokenizer of the profile's language model, as shipped (pad == eos: SmolLM2 <|im_end|>, TinyLlama </s>)."""
+    """A fresh tokenizer of the profile's language model, as shipped (pad == eos: SmolLM2 <|im_end|>,
+    TinyLlama </s>)."""
     return AutoTokenizer.from_pretrained(backbones.lm_dir)
 
 
@@ -62,23 +64,42 @@ def test_model_config_uses_the_tokenizers_ids(built):
     assert model.config.text_config.vocab_size == rows
 
 
-@pytest.mark.parametrize("messages, generation_prompt, expected", [
-    (Q1 + A1, False, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<eos>"),
-    (Q1, True, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT:"),
-    (Q1 + A1 + Q2 + A2, False, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<eos>"
-                               "USER: How many circles are there? ASSISTANT: One.<eos>"),
-    (Q1 + A1 + Q2, True, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<eos>"
-                         "USER: How many circles are there? ASSISTANT:"),
-    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], True,
-     "Be brief. USER: Hi ASSISTANT:"),
-], ids=["one-turn", "one-turn-prompt", "multi-turn", "multi-turn-prompt", "system-and-plain-strings"])
+@pytest.mark.parametrize(
+    "messages, generation_prompt, expected",
+    [
+        (Q1 + A1, False, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<eos>"),
+        (Q1, True, f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT:"),
+        (
+            Q1 + A1 + Q2 + A2,
+            False,
+            f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<eos>"
+            "USER: How many circles are there? ASSISTANT: One.<eos>",
+        ),
+        (
+            Q1 + A1 + Q2,
+            True,
+            f"{SYSTEM} USER: <image>\nWhat colour is the circle? ASSISTANT: Red.<eos>"
+            "USER: How many circles are there? ASSISTANT:",
+        ),
+        (
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            True,
+            "Be brief. USER: Hi ASSISTANT:",
+        ),
+    ],
+    ids=["one-turn", "one-turn-prompt", "multi-turn", "multi-turn-prompt", "system-and-plain-strings"],
+)
 def test_chat_template_renders_exactly(built, messages, generation_prompt, expected):
     _, processor = built
     expected = expected.replace("<eos>", processor.tokenizer.eos_token)  # SmolLM2 <|im_end|>, TinyLlama </s>
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     assert text == expected
-    assert processor.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                   add_generation_prompt=generation_prompt) == expected
+    assert (
+        processor.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        == expected
+    )
 
 
 def test_processor_writes_one_token_per_image_feature(built, image):
@@ -98,7 +119,9 @@ def test_processor_writes_one_token_per_image_feature(built, image):
 def test_assistant_mask_covers_exactly_the_replies(built, image):
     _, processor = built
     eos = processor.tokenizer.eos_token
-    encoded = data.LlavaCollator(processor, max_length=512).encode({"messages": Q1 + A1 + Q2 + A2, "images": [image]})
+    encoded = data.LlavaCollator(processor, max_length=512).encode(
+        {"messages": Q1 + A1 + Q2 + A2, "images": [image]}
+    )
     ids, mask = encoded["input_ids"], encoded["labels"] != data.IGNORE_INDEX
     spans = processing.assistant_spans(processor.tokenizer, ids, mask)
     assert [s.strip() for s in spans] == [f"Red.{eos}", f"One.{eos}"]
@@ -112,11 +135,15 @@ def test_three_turn_labels_are_the_three_replies_and_their_end_tokens(built, ima
     q3 = [{"role": "user", "content": [{"type": "text", "text": "Is it on the left?"}]}]
     a3 = [{"role": "assistant", "content": [{"type": "text", "text": "Yes, on the left side."}]}]
     encoded = data.LlavaCollator(processor, max_length=512).encode(
-        {"messages": Q1 + A1 + Q2 + A2 + q3 + a3, "images": [image]})
+        {"messages": Q1 + A1 + Q2 + A2 + q3 + a3, "images": [image]}
+    )
     ids, mask = encoded["input_ids"], encoded["labels"] != data.IGNORE_INDEX
     spans = processing.assistant_spans(tok, ids, mask)
-    assert [s.strip() for s in spans] == [f"Red.{tok.eos_token}", f"One.{tok.eos_token}",
-                                          f"Yes, on the left side.{tok.eos_token}"]
+    assert [s.strip() for s in spans] == [
+        f"Red.{tok.eos_token}",
+        f"One.{tok.eos_token}",
+        f"Yes, on the left side.{tok.eos_token}",
+    ]
     assert int((ids == tok.eos_token_id).sum()) == 3 and mask[ids == tok.eos_token_id].all()
 
 
@@ -125,9 +152,14 @@ def test_a_sequence_starts_with_the_tokenizers_own_prefix_exactly_once(built, im
     _, processor = built
     tok = processor.tokenizer
     prefix = processing.special_prefix(tok)
-    assert prefix == tok("x").input_ids[:len(tok("x").input_ids) - len(tok("x", add_special_tokens=False).input_ids)]
-    ids = data.LlavaCollator(processor, max_length=512).encode({"messages": Q1 + A1, "images": [image]})["input_ids"]
-    assert ids[:len(prefix)].tolist() == prefix
+    assert (
+        prefix
+        == tok("x").input_ids[: len(tok("x").input_ids) - len(tok("x", add_special_tokens=False).input_ids)]
+    )
+    ids = data.LlavaCollator(processor, max_length=512).encode({"messages": Q1 + A1, "images": [image]})[
+        "input_ids"
+    ]
+    assert ids[: len(prefix)].tolist() == prefix
     if tok.bos_token_id is not None and prefix == [tok.bos_token_id]:
         assert int((ids == tok.bos_token_id).sum()) == 1
 
@@ -144,4 +176,8 @@ def test_template_lines_lays_out_the_template_without_changing_it():
     assert "".join(line.strip() for line in lines).replace("\\n", "\n") == processing.CHAT_TEMPLATE
     assert lines[-1] == "{%- endif -%}" and "        {%- generation -%}" in lines  # nesting shows as indent
     assert processing.template_lines("A {% if x %}{{ x }}{% endif %}").splitlines() == [
-        "A ", "{% if x %}", "    {{ x }}", "{% endif %}"]
+        "A ",
+        "{% if x %}",
+        "    {{ x }}",
+        "{% endif %}",
+    ]

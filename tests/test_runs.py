@@ -102,7 +102,8 @@ def fake_export(folder: Path, stage: int, steps: int) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     (folder / runs.SUMMARY_FILE).write_text(
-        f'{{"profile": "offline", "stage": {stage}, "train": {{"max_steps": {steps}}}, "metrics": {{}}}}')
+        f'{{"profile": "offline", "stage": {stage}, "train": {{"max_steps": {steps}}}, "metrics": {{}}}}'
+    )
     write_manifest(folder)
     return folder
 
@@ -113,8 +114,11 @@ def test_find_export_takes_the_newest_and_says_how_it_was_trained(user, tmp_path
     profile = config.get_profile("offline")
     assert runs.find_export(profile) is None
     assert "no export in" in capsys.readouterr().out
-    monkeypatch.setattr(runs, "checkpoint_problem", lambda folder, name="offline": (
-        None if (Path(folder) / "config.json").is_file() else "missing"))
+    monkeypatch.setattr(
+        runs,
+        "checkpoint_problem",
+        lambda folder, name="offline": None if (Path(folder) / "config.json").is_file() else "missing",
+    )
     old = fake_export(tmp_path / "offline" / "stage2", 2, 40)
     new = fake_export(tmp_path / "offline" / "stage1", 1, 300)
     os.utime(old, (1, 1))  # stage 2 from an earlier run, stage 1 retrained since

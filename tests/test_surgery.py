@@ -33,8 +33,11 @@ def tiny(tmp_path_factory):
     (root / "clip").mkdir()
     torch.save(CLIPModel(clip).state_dict(), root / "clip" / "pytorch_model.bin")  # openai's format
     clip.save_pretrained(root / "clip")
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=128, num_hidden_layers=2, num_key_value_heads=1,
-                                      tie_word_embeddings=False, **small)).eval()
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128, num_hidden_layers=2, num_key_value_heads=1, tie_word_embeddings=False, **small
+        )
+    ).eval()
     lm.save_pretrained(root / "lm")
     return surgery.Backbones(vision_dir=root / "clip", lm_dir=root / "lm"), lm
 
@@ -68,7 +71,9 @@ def test_only_the_projector_trains_after_freeze(built):
     assert counts["trainable"] == parts["projector"]["total"] == parts["projector"]["trainable"]
     assert counts["total"] == sum(p["total"] for p in parts.values())
     shared = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    if model.config.text_config.tie_word_embeddings:  # SmolLM2: the head is the embeddings, even after resizing
+    if (
+        model.config.text_config.tie_word_embeddings
+    ):  # SmolLM2: the head is the embeddings, even after resizing
         assert parts["lm_head"]["total"] == 0 and shared
     else:  # TinyLlama: a head of its own, frozen, with as many rows as the embeddings
         assert parts["lm_head"]["trainable"] == 0 and not shared
@@ -115,8 +120,10 @@ def bf16_lm(tiny, tmp_path_factory):
 
 
 def _dtypes(model) -> dict[str, set]:
-    return {part: {p.dtype for n, p in model.named_parameters() if n.startswith(prefix)}
-            for part, prefix in surgery.PARTS.items()}
+    return {
+        part: {p.dtype for n, p in model.named_parameters() if n.startswith(prefix)}
+        for part, prefix in surgery.PARTS.items()
+    }
 
 
 def test_a_bf16_language_model_is_assembled_in_fp32_exactly(bf16_lm):
@@ -127,8 +134,9 @@ def test_a_bf16_language_model_is_assembled_in_fp32_exactly(bf16_lm):
     backbones, state = bf16_lm
     model = surgery.assemble(backbones, config.ModelConfig())
     assert _dtypes(model) == {part: {torch.float32} for part in surgery.PARTS}
-    assert [c.dtype for c in (model.config, model.config.text_config, model.config.vision_config)] == \
-        [torch.float32] * 3
+    assert [c.dtype for c in (model.config, model.config.text_config, model.config.vision_config)] == [
+        torch.float32
+    ] * 3
     language = model.model.language_model.state_dict()
     for key, value in state.items():
         target = model.lm_head.weight if key == "lm_head.weight" else language[key.removeprefix("model.")]
@@ -154,8 +162,9 @@ def test_an_export_says_the_dtype_its_weights_are_stored_in(bf16_lm, tmp_path, d
     expected = dtype or torch.float32
     name = str(expected).removeprefix("torch.")
     saved = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert [saved.get("dtype"), saved["text_config"].get("dtype"), saved["vision_config"].get("dtype")] == \
-        [name] * 3
+    assert [saved.get("dtype"), saved["text_config"].get("dtype"), saved["vision_config"].get("dtype")] == [
+        name
+    ] * 3
     assert "torch_dtype" not in json.dumps(saved)
     with safe_open(tmp_path / "export" / "model.safetensors", framework="pt") as f:
         stored = {f.get_slice(k).get_dtype() for k in f.keys()}

@@ -74,20 +74,31 @@ def test_scenes_are_natural_and_decide_the_answers():
 
 
 def test_questions_answers_and_captions():
-    scene = [{"colour": "blue", "shape": "square", "side": "right", "box": (140, 10, 210, 80)},
-             {"colour": "red", "shape": "circle", "side": "left", "box": (2, 2, 38, 38)}]
+    scene = [
+        {"colour": "blue", "shape": "square", "side": "right", "box": (140, 10, 210, 80)},
+        {"colour": "red", "shape": "circle", "side": "left", "box": (2, 2, 38, 38)},
+    ]
     assert synthetic.caption(scene) == "A red circle on the left and a blue square on the right."
     assert synthetic.caption(scene[:1]) == "A blue square on the right."
-    assert synthetic.clip_caption(scene) == ("a small red circle on the left and a large blue square on the "
-                                             "right")
+    assert synthetic.clip_caption(scene) == (
+        "a small red circle on the left and a large blue square on the right"
+    )
     rng = np.random.default_rng(0)
     for _ in range(20):
         qa = synthetic.questions(scene, rng)
-        assert {k: a for k, (_, a) in qa.items()} == {"colour": "blue", "shape": "square", "count": "two",
-                                                       "position": "right"}
+        assert {k: a for k, (_, a) in qa.items()} == {
+            "colour": "blue",
+            "shape": "square",
+            "count": "two",
+            "position": "right",
+        }
         assert all(synthetic.question_kind(q) == kind for kind, (q, _) in qa.items())
     assert {k: a for k, (_, a) in synthetic.questions(scene[1:], rng).items()} == {
-        "colour": "red", "shape": "circle", "count": "one", "position": "left"}
+        "colour": "red",
+        "shape": "circle",
+        "count": "one",
+        "position": "left",
+    }
 
 
 def test_question_kind_recognises_every_template():
@@ -117,15 +128,22 @@ def test_samples_follow_the_hub_schema():
             if kind == "caption":
                 assert answer.startswith("A ") and answer.endswith(("on the left.", "on the right."))
             else:
-                words = {"colour": tuple(synthetic.COLOURS), "shape": synthetic.SHAPES,
-                         "count": synthetic.NUMBERS, "position": ("left", "right")}
+                words = {
+                    "colour": tuple(synthetic.COLOURS),
+                    "shape": synthetic.SHAPES,
+                    "count": synthetic.NUMBERS,
+                    "position": ("left", "right"),
+                }
                 assert answer.rstrip(".").lower() in words[kind]
 
 
 def test_written_dataset_has_the_hub_features_and_file_names(written):
     assert sorted(p.name for p in written.glob("*.parquet")) == [
-        "test-00000-of-00001.parquet", "train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
-        "train-00002-of-00003.parquet"]
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00003.parquet",
+        "train-00001-of-00003.parquet",
+        "train-00002-of-00003.parquet",
+    ]
     splits = datasets.load_dataset(str(written), streaming=True)
     assert set(splits) == {"train", "test"}
     assert splits["train"].features == HUB_FEATURES == synthetic.FEATURES
@@ -137,10 +155,15 @@ def test_written_dataset_has_the_hub_features_and_file_names(written):
 def test_same_seed_same_bytes_and_train_test_disjoint(written, tmp_path):
     again = synthetic.write_dataset(tmp_path / "again", seed=3, n_train=40, n_test=12, shard_size=16)
     assert _digests(again) == _digests(written)
-    images = {split: {hashlib.sha256(row["images"][0]["bytes"]).hexdigest()
-                      for row in datasets.load_dataset(str(written), split=split, streaming=True)
-                      .cast_column("images", datasets.List(datasets.Image(decode=False)))}
-              for split in ("train", "test")}
+    images = {
+        split: {
+            hashlib.sha256(row["images"][0]["bytes"]).hexdigest()
+            for row in datasets.load_dataset(str(written), split=split, streaming=True).cast_column(
+                "images", datasets.List(datasets.Image(decode=False))
+            )
+        }
+        for split in ("train", "test")
+    }
     assert len(images["train"]) == 40 and len(images["test"]) == 12
     assert not images["train"] & images["test"]
 

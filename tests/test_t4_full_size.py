@@ -49,11 +49,24 @@ def test_tiny_run_measures_both_stages_beside_the_plan(bench, tiny):
 def test_measured_beside_plan_reads_the_benchmarks_json(tmp_path):
     plan = memory.memory_plan()
     measured = {k: plan[k] * 1.05 for k in memory.MEASURED_ITEMS}
-    stage = {"precision_key": "t4", "measured": measured,
-             "parameters": {"total": 1_100_000_000, "trainable": 5_771_264}}
+    stage = {
+        "precision_key": "t4",
+        "measured": measured,
+        "parameters": {"total": 1_100_000_000, "trainable": 5_771_264},
+    }
     path = tmp_path / "t4-full-size.json"
-    path.write_text(json.dumps({"vocab": 32000, "seq_len": 1024, "micro_batch": 2,
-                                "supervised_positions": 2048, "stage1": stage, "stage2": stage}))
+    path.write_text(
+        json.dumps(
+            {
+                "vocab": 32000,
+                "seq_len": 1024,
+                "micro_batch": 2,
+                "supervised_positions": 2048,
+                "stage1": stage,
+                "stage2": stage,
+            }
+        )
+    )
     rows = memory.measured_beside_plan(path)
     one = {r["item"]: r for r in rows if r["stage"] == 1}
     assert set(memory.MEASURED_ITEMS) < set(one)

@@ -23,10 +23,23 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Short samples, batch 1 x accumulation 2 (a step reads 2 samples), a save every step.
 TINY = dict(
     data=dict(max_length=160),
-    stage1=dict(max_steps=3, per_device_train_batch_size=1, gradient_accumulation_steps=2, save_steps=1,
-                eval_samples=0, logging_steps=1),
-    stage2=dict(max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=1, save_steps=1,
-                eval_samples=2, eval_steps=2, logging_steps=1),
+    stage1=dict(
+        max_steps=3,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        save_steps=1,
+        eval_samples=0,
+        logging_steps=1,
+    ),
+    stage2=dict(
+        max_steps=2,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        save_steps=1,
+        eval_samples=2,
+        eval_steps=2,
+        logging_steps=1,
+    ),
 )
 
 
@@ -57,9 +70,11 @@ def test_stream_is_one_order_per_seed_and_starts_anywhere(tmp_path, monkeypatch)
     # datasets 5 sleeps 5 s after each pass over parquet files (apache/arrow#45214; 4.0 does not); ~12 here
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)
     root = synthetic.write_dataset(tmp_path / "ds", seed=3, n_train=40, n_test=2, shard_size=20)
+
     def messages(start: int, n: int, **grouping) -> list:
-        stream = streams.TrainStream(str(root), "train", max_turns=1, seed=5, shuffle_buffer=4, start=start,
-                                   **grouping)
+        stream = streams.TrainStream(
+            str(root), "train", max_turns=1, seed=5, shuffle_buffer=4, start=start, **grouping
+        )
         return [s["messages"] for s in itertools.islice(stream, n)]
 
     first = messages(0, 30)  # 4 single-turn samples a pass: 7 passes, each reshuffled
@@ -86,12 +101,15 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(stage1, tiny
     assert resumed.resumed_from.name == "checkpoint-1" and resumed.global_step == 3
     assert checkpoints.read_position(resumed.checkpoint_dir / "checkpoint-3") == 6  # 3 steps x 1 sample x 2
     assert_same_tensors(trained(resumed, 3), trained(stage1, 3))
-    assert [c.name for c in checkpoints.checkpoints(resumed.checkpoint_dir)] == ["checkpoint-2", "checkpoint-3"]
+    assert [c.name for c in checkpoints.checkpoints(resumed.checkpoint_dir)] == [
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
 
 
 def test_a_save_killed_by_sigkill_leaves_the_previous_checkpoint_usable(stage1, tiny, tmp_path):
-    """A training process killed (SIGKILL) in the middle of writing checkpoint-2 leaves checkpoint-1 whole, and
-    --resume continues from it to exactly where the uninterrupted run got."""
+    """A training process killed (SIGKILL) in the middle of writing checkpoint-2 leaves checkpoint-1 whole,
+    and --resume continues from it to exactly where the uninterrupted run got."""
     out = tmp_path / "stage1"
     script = f"""
 import json, os, signal
@@ -108,10 +126,13 @@ train.train(profile, 1, export_dir={str(out)!r}, export_model=False)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     folder = runs.default_checkpoint_dir(out)
-    assert (folder / ".staging-checkpoint-2" / "checkpoint-2" / checkpoints.TRAINABLE_FILE).is_file()  # half saved
+    assert (
+        folder / ".staging-checkpoint-2" / "checkpoint-2" / checkpoints.TRAINABLE_FILE
+    ).is_file()  # half saved
     assert [c.name for c in checkpoints.checkpoints(folder)] == ["checkpoint-1"]
-    resumed = train.train(tiny, 1, export_dir=out, resume=True, export_model=False,
-                          callbacks=[trainer.StopAtStep(2)])
+    resumed = train.train(
+        tiny, 1, export_dir=out, resume=True, export_model=False, callbacks=[trainer.StopAtStep(2)]
+    )
     assert resumed.resumed_from.name == "checkpoint-1" and resumed.global_step == 2
     assert not list(folder.glob(".staging-*"))
     assert_same_tensors(trained(resumed, 2), trained(stage1, 2))
@@ -150,7 +171,9 @@ print("ok")
 def test_stage1_export_keeps_the_language_model_exact(stage1, source_lm):
     model = LlavaForConditionalGeneration.from_pretrained(stage1.export_dir).eval()
     processor = AutoProcessor.from_pretrained(stage1.export_dir)
-    ids = processor.tokenizer("USER: What colour is the circle? ASSISTANT: Red.", return_tensors="pt").input_ids
+    ids = processor.tokenizer(
+        "USER: What colour is the circle? ASSISTANT: Red.", return_tensors="pt"
+    ).input_ids
     assert runs.read_summary(stage1.export_dir)["stage"] == 1
     assert stage1.metrics["steps"] == 3
     assert model.config.text_config.use_cache
@@ -187,13 +210,19 @@ def test_stage2_changes_only_the_projector_and_lora_targets(stage1, tiny, tmp_pa
     after = LlavaForConditionalGeneration.from_pretrained(run.export_dir).state_dict()
     assert before.keys() == after.keys()  # merged: no lora_A / lora_B left
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    lora_weights = {k for k in before if k.startswith("model.language_model.")
-                    and k.rsplit(".", 2)[-2] in LORA_TARGETS and k.endswith(".weight")}
+    lora_weights = {
+        k
+        for k in before
+        if k.startswith("model.language_model.")
+        and k.rsplit(".", 2)[-2] in LORA_TARGETS
+        and k.endswith(".weight")
+    }
     assert changed <= lora_weights | {k for k in before if k.startswith(PROJECTOR)}
     assert any(k.startswith(PROJECTOR) for k in changed)
     assert len(changed & lora_weights) > len(lora_weights) // 2
-    assert not any(k.startswith(("model.vision_tower.", "lm_head")) or "norm" in k or "embed" in k
-                   for k in changed)
+    assert not any(
+        k.startswith(("model.vision_tower.", "lm_head")) or "norm" in k or "embed" in k for k in changed
+    )
 
 
 def test_stage2_without_a_stage1_export_says_what_to_do(tiny, tmp_path):
@@ -201,8 +230,9 @@ def test_stage2_without_a_stage1_export_says_what_to_do(tiny, tmp_path):
         train.train(tiny, 2, export_dir=tmp_path / "stage2")
 
 
-def test_find_or_train_checks_a_given_export_finds_one_or_trains_a_short_stage1(stage1, tiny, tmp_path,
-                                                                                 monkeypatch, capsys):
+def test_find_or_train_checks_a_given_export_finds_one_or_trains_a_short_stage1(
+    stage1, tiny, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv(runs.OUTPUTS_ENV, str(tmp_path))
     assert train.find_or_train(tiny, stage1.export_dir) == stage1.export_dir  # given: used as it is
     with pytest.raises(FileNotFoundError, match="no exported model"):
@@ -242,19 +272,22 @@ def test_activation_formula_matches_what_autograd_saves(backbones, lora_r):
         weights = {w.untyped_storage().data_ptr() for w in [*model.parameters(), *model.buffers()]}
         saved = {}
 
-        def pack(t):
+        def pack(t, weights=weights, saved=saved):
             if t.untyped_storage().data_ptr() not in weights:
                 saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         b, s = 2, 16
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(inputs_embeds=torch.randn(b, s, text.hidden_size, requires_grad=True),
-                  attention_mask=torch.ones(b, s, dtype=torch.long))
+            model(
+                inputs_embeds=torch.randn(b, s, text.hidden_size, requires_grad=True),
+                attention_mask=torch.ones(b, s, dtype=torch.long),
+            )
         measured.append(sum(saved.values()) / (b * s))
     h, i = text.hidden_size, text.intermediate_size
-    formula = memory.saved_bytes_per_token_layer(text, lora=(7, 6 * h + i), lora_r=lora_r, act_bytes=4,
-                                                 mask_bytes=4)
+    formula = memory.saved_bytes_per_token_layer(
+        text, lora=(7, 6 * h + i), lora_r=lora_r, act_bytes=4, mask_bytes=4
+    )
     assert formula == pytest.approx(measured[1] - measured[0], rel=0.01)
 
 
@@ -271,8 +304,10 @@ def test_memory_plan_of_the_t4_recipe_fits_a_t4():
 
 
 def test_loss_curve_draws_train_and_eval_loss():
-    history = [{"loss": 3.0 - 0.1 * s, "step": s} for s in range(1, 6)] + [{"eval_loss": 2.9, "step": 5},
-                                                                           {"train_loss": 2.7, "step": 5}]
+    history = [{"loss": 3.0 - 0.1 * s, "step": s} for s in range(1, 6)] + [
+        {"eval_loss": 2.9, "step": 5},
+        {"train_loss": 2.7, "step": 5},
+    ]
     fig = plots.loss_curve(history)
     assert [line.get_label() for line in fig.axes[0].lines] == ["train loss", "eval loss (held out)"]
     with pytest.raises(ValueError, match="no 'loss'"):
@@ -280,10 +315,19 @@ def test_loss_curve_draws_train_and_eval_loss():
 
 
 def test_command_line_help():
-    done = subprocess.run([sys.executable, "-m", "llava_nb.train", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "llava_nb.train", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
-    for flag in ("--profile", "--stage", "--export-dir", "--max-steps", "--save-steps", "--dataset",
-                 "--resume", "--seed", "--init-from"):
+    for flag in (
+        "--profile",
+        "--stage",
+        "--export-dir",
+        "--max-steps",
+        "--save-steps",
+        "--dataset",
+        "--resume",
+        "--seed",
+        "--init-from",
+    ):
         assert flag in done.stdout
-

@@ -1,5 +1,6 @@
-"""The four private Trainer methods that `llava_nb.trainer.LlavaTrainer` overrides, checked against the installed
-transformers on every CI leg (newest and Colab's 5.15): if a release renames one, changes its parameters or
+"""The four private Trainer methods that `llava_nb.trainer.LlavaTrainer` overrides, checked against the
+installed transformers on every CI leg (newest and Colab's 5.15): if a release renames one, changes its
+parameters or
 stops calling it where we rely on it, this fails here, loudly, instead of checkpoints silently going wrong."""
 
 import inspect
@@ -30,7 +31,9 @@ def test_trainer_still_calls_them_where_our_overrides_rely_on_it():
     assert "_get_output_dir" in save and "save_model" in save  # the staging folder, and only what trains
     import transformers.trainer
 
-    module = inspect.getsource(transformers.trainer)  # where resume_from_checkpoint is followed (varies by version)
+    module = inspect.getsource(
+        transformers.trainer
+    )  # where resume_from_checkpoint is followed (varies by version)
     assert "self._load_from_checkpoint(" in module and "self._load_optimizer_and_scheduler(" in module
 
 
@@ -43,4 +46,6 @@ def test_only_llava_nb_trainer_overrides_private_trainer_methods():
     for path in package.glob("*.py"):
         text = path.read_text()
         found = [name for name in OVERRIDDEN if f"def {name}(" in text]
-        assert path.name == "trainer.py" or not found, f"{path.name} overrides {found}: keep them in trainer.py"
+        assert path.name == "trainer.py" or not found, (
+            f"{path.name} overrides {found}: keep them in trainer.py"
+        )

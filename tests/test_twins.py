@@ -32,8 +32,15 @@ def _get(url, headers=None):
 
 def test_each_twin_has_its_repos_files(root):
     lm = root / "models" / twins.LM_REPO
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
-            "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in lm.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    } <= {p.name for p in lm.iterdir()}
     published = json.loads((lm / "tokenizer_config.json").read_text())
     # as TinyLlama publishes it: no add_bos_token / add_eos_token keys (tokenizer.json's template adds <s>)
     assert published["tokenizer_class"] == "LlamaTokenizer"
@@ -41,18 +48,27 @@ def test_each_twin_has_its_repos_files(root):
     assert published["legacy"] is False and published["pad_token"] == "</s>"
     assert published["chat_template"] == twins.TINYLLAMA_CHAT_TEMPLATE
     config = AutoConfig.from_pretrained(lm)
-    assert (config.model_type, config.tie_word_embeddings, config.bos_token_id, config.eos_token_id) == \
-        ("llama", False, 1, 2)
+    assert (config.model_type, config.tie_word_embeddings, config.bos_token_id, config.eos_token_id) == (
+        "llama",
+        False,
+        1,
+        2,
+    )
     tok = AutoTokenizer.from_pretrained(lm)
     ids = tok("Hello, a dog 123 😀").input_ids
     assert ids[0] == 1 and tok.convert_ids_to_tokens(2) == "</s>"
     assert any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(ids))  # byte fallback spells the emoji
     assert tok.decode(ids, skip_special_tokens=True) == "Hello, a dog 123 😀"
     clip = root / "models" / twins.VISION_REPO
-    assert {"config.json", "pytorch_model.bin", "preprocessor_config.json"} <= {p.name for p in clip.iterdir()}
+    assert {"config.json", "pytorch_model.bin", "preprocessor_config.json"} <= {
+        p.name for p in clip.iterdir()
+    }
     data = root / "datasets" / twins.DATA_REPO
     assert sorted(p.name for p in (data / "data").iterdir()) == [
-        "test-00000-of-00001.parquet", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+    ]
 
 
 def test_the_vsft_twin_has_the_real_datasets_shape():
@@ -60,7 +76,9 @@ def test_the_vsft_twin_has_the_real_datasets_shape():
 
     rows = [twins.vsft_row(np.random.default_rng(s)) for s in range(60)]
     exchanges = [sum(m["role"] == "assistant" for m in r["messages"]) for r in rows]
-    words = [len(m["content"][0]["text"].split()) for r in rows for m in r["messages"] if m["role"] == "assistant"]
+    words = [
+        len(m["content"][0]["text"].split()) for r in rows for m in r["messages"] if m["role"] == "assistant"
+    ]
     assert min(exchanges) == 1 and max(exchanges) == 10
     assert min(words) <= 5 and max(words) >= 150
 
@@ -83,7 +101,10 @@ def test_the_hub_answers_as_the_libraries_expect(hub):
     for missing in (f"{hub}/api/models/nobody/nothing", f"{hub}/{twins.LM_REPO}/resolve/main/nope.bin"):
         with pytest.raises(urllib.error.HTTPError) as e:
             _get(missing)
-        assert e.value.code == 404 and e.value.headers["X-Error-Code"] in ("RepositoryNotFound", "EntryNotFound")
+        assert e.value.code == 404 and e.value.headers["X-Error-Code"] in (
+            "RepositoryNotFound",
+            "EntryNotFound",
+        )
 
 
 def test_snapshot_download_and_streaming_run_through_the_twin(hub, tmp_path):
@@ -98,18 +119,36 @@ print(sorted(p for p in __import__("os").listdir(folder)), sum(1 for _ in ds))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_ENDPOINT=hub, HF_HOME=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("]")[0] + "]" == "['config.json', 'preprocessor_config.json', 'pytorch_model.bin']"
+    assert (
+        done.stdout.split("]")[0] + "]" == "['config.json', 'preprocessor_config.json', 'pytorch_model.bin']"
+    )
     assert done.stdout.split("]")[1].strip() == "24"
 
 
 def test_without_the_hub_the_t4_command_names_the_repo_and_offers_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path), LLAVA_NB_PROFILE="t4")
-    done = subprocess.run([sys.executable, "-m", "llava_nb.train", "--profile", "t4", "--max-steps", "1",
-                           "--export-dir", str(tmp_path / "out")], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_nb.train",
+            "--profile",
+            "t4",
+            "--max-steps",
+            "1",
+            "--export-dir",
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert "openai/clip-vit-base-patch32" in done.stderr and "--profile offline" in done.stderr

@@ -45,8 +45,9 @@ class HubRepos:
         return folder if repo_id.count("/") == 1 and folder.is_dir() else None
 
     def files(self, folder: Path) -> list[str]:
-        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                      if p.is_file() and p.name not in SKIP)
+        return sorted(
+            str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in SKIP
+        )
 
     def file_sha(self, path: Path) -> str:
         """git-style content id of a file (the hub's ETag for small files, sha256 for large ones)."""
@@ -57,8 +58,9 @@ class HubRepos:
 
     def commit(self, folder: Path) -> str:
         """A 40-hex commit id that changes whenever a file of the repo does."""
-        listing = "\n".join(f"{f}:{(folder / f).stat().st_size}:{(folder / f).stat().st_mtime_ns}"
-                            for f in self.files(folder))
+        listing = "\n".join(
+            f"{f}:{(folder / f).stat().st_size}:{(folder / f).stat().st_mtime_ns}" for f in self.files(folder)
+        )
         return hashlib.sha1(listing.encode()).hexdigest()
 
     def entry(self, folder: Path, path: str, expand: bool = False) -> dict:
@@ -66,11 +68,19 @@ class HubRepos:
         if full.is_dir():
             return {"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "path": path}
         sha = self.file_sha(full)
-        out = {"type": "file", "oid": sha[:40], "size": full.stat().st_size, "path": path,
-               "lfs": {"oid": sha, "size": full.stat().st_size, "pointerSize": 134}}
+        out = {
+            "type": "file",
+            "oid": sha[:40],
+            "size": full.stat().st_size,
+            "path": path,
+            "lfs": {"oid": sha, "size": full.stat().st_size, "pointerSize": 134},
+        }
         if expand:
-            out["lastCommit"] = {"id": self.commit(folder), "title": "twin",
-                                 "date": "2026-01-01T00:00:00.000Z"}
+            out["lastCommit"] = {
+                "id": self.commit(folder),
+                "title": "twin",
+                "date": "2026-01-01T00:00:00.000Z",
+            }
         return out
 
 
@@ -104,8 +114,9 @@ def _handler(repos: HubRepos) -> type[BaseHTTPRequestHandler]:
             else:
                 form = urllib.parse.parse_qs(body.decode())
                 paths, expand = form.get("paths", []), form.get("expand", ["false"])[0] == "true"
-            found = [repos.entry(folder, p.strip("/"), expand) for p in paths
-                     if (folder / p.strip("/")).exists()]
+            found = [
+                repos.entry(folder, p.strip("/"), expand) for p in paths if (folder / p.strip("/")).exists()
+            ]
             self._json(found)
 
         def _route(self, head: bool) -> None:
@@ -137,14 +148,25 @@ def _handler(repos: HubRepos) -> type[BaseHTTPRequestHandler]:
                 return
             files = repos.files(folder)
             owner = repo_id.split("/")[0]
-            self._json({
-                "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "author": owner,
-                "sha": repos.commit(folder), "private": False, "gated": False, "disabled": False,
-                "lastModified": "2026-01-01T00:00:00.000Z", "createdAt": "2026-01-01T00:00:00.000Z",
-                "downloads": 0, "likes": 0, "tags": [], "cardData": {},
-                "siblings": [{"rfilename": f, "size": (folder / f).stat().st_size} for f in files],
-                "usedStorage": sum((folder / f).stat().st_size for f in files),
-            })
+            self._json(
+                {
+                    "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+                    "id": repo_id,
+                    "author": owner,
+                    "sha": repos.commit(folder),
+                    "private": False,
+                    "gated": False,
+                    "disabled": False,
+                    "lastModified": "2026-01-01T00:00:00.000Z",
+                    "createdAt": "2026-01-01T00:00:00.000Z",
+                    "downloads": 0,
+                    "likes": 0,
+                    "tags": [],
+                    "cardData": {},
+                    "siblings": [{"rfilename": f, "size": (folder / f).stat().st_size} for f in files],
+                    "usedStorage": sum((folder / f).stat().st_size for f in files),
+                }
+            )
 
         def _tree(self, kind: str, repo_id: str, revision: str, sub: str, query: dict) -> None:
             folder = self._repo(kind, repo_id, revision)
@@ -156,8 +178,11 @@ def _handler(repos: HubRepos) -> type[BaseHTTPRequestHandler]:
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
             expand = query.get("expand", ["false"])[0].lower() == "true"
             children = base.rglob("*") if recursive else base.iterdir()
-            entries = [repos.entry(folder, str(p.relative_to(folder)), expand) for p in sorted(children)
-                       if p.name not in SKIP]
+            entries = [
+                repos.entry(folder, str(p.relative_to(folder)), expand)
+                for p in sorted(children)
+                if p.name not in SKIP
+            ]
             self._json(entries)
 
         def _file(self, kind: str, repo_id: str, revision: str, name: str, head: bool) -> None:

@@ -12,8 +12,28 @@ import numpy as np
 POPE_REPO = "lmms-lab/POPE"
 POPE_CATEGORIES = ("adversarial", "popular", "random")  # in the order of the card's `Full` splits
 # COCO object names, for the questions ("Is there a dog in the image?")
-POPE_OBJECTS = ("person", "dog", "cat", "car", "bus", "chair", "bottle", "cup", "bicycle", "horse", "pizza",
-                "umbrella", "bench", "clock", "laptop", "book", "bowl", "truck", "kite", "surfboard")
+POPE_OBJECTS = (
+    "person",
+    "dog",
+    "cat",
+    "car",
+    "bus",
+    "chair",
+    "bottle",
+    "cup",
+    "bicycle",
+    "horse",
+    "pizza",
+    "umbrella",
+    "bench",
+    "clock",
+    "laptop",
+    "book",
+    "bowl",
+    "truck",
+    "kite",
+    "surfboard",
+)
 
 
 def pope_features():
@@ -21,8 +41,17 @@ def pope_features():
     import datasets
 
     text = datasets.Value("string")
-    return datasets.Features({"id": text, "question_id": text, "question": text, "answer": text,
-                              "image_source": text, "image": datasets.Image(), "category": text})
+    return datasets.Features(
+        {
+            "id": text,
+            "question_id": text,
+            "question": text,
+            "answer": text,
+            "image_source": text,
+            "image": datasets.Image(),
+            "category": text,
+        }
+    )
 
 
 def write_pope(folder: Path, rng: np.random.Generator, *, per_category: int = 24) -> None:
@@ -43,15 +72,23 @@ def write_pope(folder: Path, rng: np.random.Generator, *, per_category: int = 24
     n = 0
     for category in POPE_CATEGORIES:
         rows[category] = []
-        for k in range(per_category // 2):
+        for _ in range(per_category // 2):
             image_id = int(rng.integers(1, 581930))
             source = f"COCO_val2014_{image_id:012d}"
             image = {"bytes": _coco_jpeg(rng), "path": f"{source}.jpg"}
             present, absent = rng.choice(len(POPE_OBJECTS), size=2, replace=False)
             for obj, answer in ((POPE_OBJECTS[present], "yes"), (POPE_OBJECTS[absent], "no")):
-                rows[category].append({"id": str(n), "question_id": str(len(rows[category]) + 1),
-                                       "question": f"Is there a {obj} in the image?", "answer": answer,
-                                       "image_source": source, "image": image, "category": category})
+                rows[category].append(
+                    {
+                        "id": str(n),
+                        "question_id": str(len(rows[category]) + 1),
+                        "question": f"Is there a {obj} in the image?",
+                        "answer": answer,
+                        "image_source": source,
+                        "image": image,
+                        "category": category,
+                    }
+                )
                 n += 1
     for shard, category in enumerate(POPE_CATEGORIES):
         # the Arrow table with the features in its schema metadata, as push_to_hub writes it
@@ -63,16 +100,26 @@ def write_pope(folder: Path, rng: np.random.Generator, *, per_category: int = 24
 
 def pope_card(per_category: int) -> str:
     """The dataset card's YAML header as lmms-lab/POPE publishes it, with the twin's row counts."""
-    fields = "".join(f"  - name: {name}\n    dtype: {'image' if name == 'image' else 'string'}\n"
-                     for name in pope_features())
+    fields = "".join(
+        f"  - name: {name}\n    dtype: {'image' if name == 'image' else 'string'}\n"
+        for name in pope_features()
+    )
     full_splits = "".join(f"  - name: {c}\n    num_examples: {per_category}\n" for c in POPE_CATEGORIES)
     full_files = "".join(f"  - split: {c}\n    path: Full/{c}-*\n" for c in POPE_CATEGORIES)
-    return ("---\ndataset_info:\n- config_name: Full\n  features:\n" + fields + "  splits:\n" + full_splits
-            + "- config_name: default\n  features:\n" + fields + "  splits:\n  - name: test\n"
-            + f"    num_examples: {per_category * len(POPE_CATEGORIES)}\n"
-            + "configs:\n- config_name: Full\n  data_files:\n" + full_files
-            + "- config_name: default\n  data_files:\n  - split: test\n    path: data/test-*\n---\n"
-            + f"# Twin of {POPE_REPO} (tests.hub.twins)\n")
+    return (
+        "---\ndataset_info:\n- config_name: Full\n  features:\n"
+        + fields
+        + "  splits:\n"
+        + full_splits
+        + "- config_name: default\n  features:\n"
+        + fields
+        + "  splits:\n  - name: test\n"
+        + f"    num_examples: {per_category * len(POPE_CATEGORIES)}\n"
+        + "configs:\n- config_name: Full\n  data_files:\n"
+        + full_files
+        + "- config_name: default\n  data_files:\n  - split: test\n    path: data/test-*\n---\n"
+        + f"# Twin of {POPE_REPO} (tests.hub.twins)\n"
+    )
 
 
 def _coco_jpeg(rng: np.random.Generator) -> bytes:

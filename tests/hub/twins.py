@@ -49,12 +49,27 @@ from .published import DATA_REPO, LM_REPO, TINYLLAMA_CHAT_TEMPLATE, VISION_REPO 
 # tokenizer.model that names no temporary path: the same bytes on every run.
 TWIN_VERSION = 5
 # The twin's sizes, where it departs from the published files (published.SCALED lists the keys).
-TINYLLAMA_SIZES = {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4,
-                   "num_hidden_layers": 2, "num_key_value_heads": 2}
-CLIP_VISION_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "projection_dim": 32}
-CLIP_TEXT_SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                   "num_attention_heads": 2, "vocab_size": 1000}
+TINYLLAMA_SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 176,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+}
+CLIP_VISION_SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "projection_dim": 32,
+}
+CLIP_TEXT_SIZES = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "vocab_size": 1000,
+}
 
 WORDS = (
     "a the of and in on with to is are there this that picture image photo shows man woman people dog cat "
@@ -65,9 +80,16 @@ WORDS = (
     "foreground light dark sunny cloudy food plate pizza cake fruit banana apple phone laptop book chair "
     "sign building city road bicycle person group child children game ball field snow mountain river"
 ).split()
-QUESTIONS = ("What is shown in the image?", "Describe the scene in detail.", "How many people are there?",
-             "What colour is the car?", "Where is the dog?", "What is the man holding?",
-             "Is it sunny or cloudy?", "What could happen next?")
+QUESTIONS = (
+    "What is shown in the image?",
+    "Describe the scene in detail.",
+    "How many people are there?",
+    "What colour is the car?",
+    "Where is the dog?",
+    "What is the man holding?",
+    "Is it sunny or cloudy?",
+    "What could happen next?",
+)
 
 
 def twins_dir() -> Path:
@@ -109,11 +131,24 @@ def write_tinyllama(folder: Path, corpus: list[str], *, seed: int = 0) -> None:
     # Written through model_writer, the model names no (temporary) path: the same bytes on every machine.
     model_file = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model_file, model_type="bpe",
-        vocab_size=1000, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, num_threads=1,
-        train_extremely_large_corpus=False, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_writer=model_file,
+        model_type="bpe",
+        vocab_size=1000,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
+        train_extremely_large_corpus=False,
+        minloglevel=2,
     )
     (folder / "tokenizer.model").write_bytes(model_file.getvalue())
     # tokenizer_config.json as published: no add_bos_token / add_eos_token keys (the class's defaults apply)
@@ -121,15 +156,17 @@ def write_tinyllama(folder: Path, corpus: list[str], *, seed: int = 0) -> None:
     # tokenizer.json: today's conversion of tokenizer.model, rewritten in the layout the hub's file has
     tokenizer = LlamaTokenizer.from_pretrained(folder)
     converted = json.loads(tokenizer.backend_tokenizer.to_str())
-    (folder / "tokenizer.json").write_text(json.dumps(llama2_tokenizer_json(converted), indent=2,
-                                                      ensure_ascii=False) + "\n")
+    (folder / "tokenizer.json").write_text(
+        json.dumps(llama2_tokenizer_json(converted), indent=2, ensure_ascii=False) + "\n"
+    )
     _write_json(folder / "special_tokens_map.json", pub.TINYLLAMA_SPECIAL_TOKENS_MAP)
     _write_json(folder / "tokenizer_config.json", pub.TINYLLAMA_TOKENIZER_CONFIG)  # as published, not resaved
 
     config = tinyllama_config(vocab_size=len(tokenizer))
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "torch_dtype"},
-                                         dtype=torch.float32))
+    model = LlamaForCausalLM(
+        LlamaConfig(**{k: v for k, v in config.items() if k != "torch_dtype"}, dtype=torch.float32)
+    )
     # The hub's file: every tensor bfloat16, transformers 4.35's names, safetensors' "pt" metadata.
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
@@ -144,8 +181,11 @@ def llama2_tokenizer_json(converted: dict) -> dict:
     model = converted["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     published = pub.TINYLLAMA_TOKENIZER_JSON
-    return {**published, "added_tokens": converted["added_tokens"],
-            "model": {**published["model"], "vocab": model["vocab"], "merges": merges}}
+    return {
+        **published,
+        "added_tokens": converted["added_tokens"],
+        "model": {**published["model"], "vocab": model["vocab"], "merges": merges},
+    }
 
 
 def tinyllama_config(vocab_size: int) -> dict:
@@ -194,8 +234,11 @@ def random_clip(vision: dict, text: dict, *, seed: int = 0, position_std: float 
     from transformers import CLIPConfig, CLIPModel
 
     vision = {**cfg.T4_VISION_CONFIG, **vision}
-    config = CLIPConfig(text_config={"num_hidden_layers": 2, **text}, vision_config=vision,
-                        projection_dim=vision["projection_dim"])
+    config = CLIPConfig(
+        text_config={"num_hidden_layers": 2, **text},
+        vision_config=vision,
+        projection_dim=vision["projection_dim"],
+    )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
     with torch.no_grad():
@@ -208,9 +251,12 @@ def clip_config(vision: dict, text: dict) -> dict:
     """openai/clip-vit-base-patch32's config.json (transformers 4.16's layout: full nested sub-configs,
     `*_config_dict` null, no dtype anywhere but `torch_dtype: null`) with the towers' sizes given."""
     published = pub.CLIP_CONFIG
-    return {**published, "projection_dim": vision["projection_dim"],
-            "text_config": {**published["text_config"], **text, "projection_dim": vision["projection_dim"]},
-            "vision_config": {**published["vision_config"], **vision}}
+    return {
+        **published,
+        "projection_dim": vision["projection_dim"],
+        "text_config": {**published["text_config"], **text, "projection_dim": vision["projection_dim"]},
+        "vision_config": {**published["vision_config"], **vision},
+    }
 
 
 # ------------------------------------------------------------------------------- llava-instruct-mix-vsft
@@ -231,24 +277,29 @@ def write_vsft(folder: Path, rng: np.random.Generator, *, n_train: int = 96, n_t
         per_shard = -(-n // shards)
         num_bytes = 0
         for s in range(shards):
-            table = pa.Table.from_pylist(rows[s * per_shard:(s + 1) * per_shard],
-                                         schema=FEATURES.arrow_schema)
+            table = pa.Table.from_pylist(
+                rows[s * per_shard : (s + 1) * per_shard], schema=FEATURES.arrow_schema
+            )
             path = folder / "data" / f"{split}-{s:05d}-of-{shards:05d}.parquet"
             pq.write_table(table, path)
             num_bytes += table.nbytes
             download_size += path.stat().st_size
         splits.append((split, num_bytes, n))
-    split_lines = "".join(f"  - name: {name}\n    num_bytes: {num_bytes}\n    num_examples: {n}\n"
-                          for name, num_bytes, n in splits)
+    split_lines = "".join(
+        f"  - name: {name}\n    num_bytes: {num_bytes}\n    num_examples: {n}\n"
+        for name, num_bytes, n in splits
+    )
     (folder / "README.md").write_text(
         "---\ndataset_info:\n  features:\n  - name: messages\n    list:\n    - name: content\n      list:\n"
         "      - name: index\n        dtype: int64\n      - name: text\n        dtype: string\n"
         "      - name: type\n        dtype: string\n    - name: role\n      dtype: string\n"
-        "  - name: images\n    sequence: image\n  splits:\n" + split_lines +
-        f"  download_size: {download_size}\n  dataset_size: {sum(b for _, b, _ in splits)}\n"
+        "  - name: images\n    sequence: image\n  splits:\n"
+        + split_lines
+        + f"  download_size: {download_size}\n  dataset_size: {sum(b for _, b, _ in splits)}\n"
         "configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
         "  - split: test\n    path: data/test-*\n---\n"
-        "# Twin of HuggingFaceH4/llava-instruct-mix-vsft (tests.hub.twins)\n")
+        "# Twin of HuggingFaceH4/llava-instruct-mix-vsft (tests.hub.twins)\n"
+    )
 
 
 def vsft_row(rng: np.random.Generator, *, damaged: bool = False) -> dict:

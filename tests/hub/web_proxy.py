@@ -52,10 +52,12 @@ class Certificates:
         self.folder = folder
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llava_nb tests' web proxy CA")])
-        self._cert = (self._builder(self._name, self._key.public_key())
-                      .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                      .add_extension(_key_usage(x509, key_cert_sign=True, crl_sign=True), critical=True)
-                      .sign(self._key, hashes.SHA256()))
+        self._cert = (
+            self._builder(self._name, self._key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(x509, key_cert_sign=True, crl_sign=True), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
         self.ca_file = folder / "ca.pem"
         self.ca_file.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
         self._contexts: dict[str, ssl.SSLContext] = {}
@@ -64,11 +66,16 @@ class Certificates:
     def _builder(self, subject, public_key):
         x509 = self._x509
         now = datetime.datetime.now(datetime.timezone.utc)
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(self._name)
-                .public_key(public_key).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(days=1))
-                .not_valid_after(now + datetime.timedelta(days=30))
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self._name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        )
 
     def context(self, host: str) -> ssl.SSLContext:
         """A server context presenting a certificate for `host` (made on first use)."""
@@ -78,17 +85,22 @@ class Certificates:
                 key = self._ec.generate_private_key(self._ec.SECP256R1())
                 subject = x509.Name([x509.NameAttribute(self._oid.COMMON_NAME, host)])
                 ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-                cert = (self._builder(subject, key.public_key())
-                        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-                        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                        .add_extension(_key_usage(x509, digital_signature=True), critical=True)
-                        .add_extension(x509.ExtendedKeyUsage([self._eku.SERVER_AUTH]), critical=False)
-                        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                                       critical=False)
-                        .sign(self._key, self._hashes.SHA256()))
+                cert = (
+                    self._builder(subject, key.public_key())
+                    .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                    .add_extension(_key_usage(x509, digital_signature=True), critical=True)
+                    .add_extension(x509.ExtendedKeyUsage([self._eku.SERVER_AUTH]), critical=False)
+                    .add_extension(
+                        x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+                    )
+                    .sign(self._key, self._hashes.SHA256())
+                )
                 pem = self.folder / f"{host}.pem"
-                pem.write_bytes(cert.public_bytes(ser.Encoding.PEM) + key.private_bytes(
-                    ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
+                pem.write_bytes(
+                    cert.public_bytes(ser.Encoding.PEM)
+                    + key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+                )
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
                 context.load_cert_chain(pem)
                 self._contexts[host] = context
@@ -96,8 +108,17 @@ class Certificates:
 
 
 def _key_usage(x509, **on: bool):
-    names = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
-             "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+    names = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
     return x509.KeyUsage(**{name: on.get(name, False) for name in names})
 
 
@@ -112,8 +133,13 @@ def _handler(root: Path, certs: Certificates) -> type[BaseHTTPRequestHandler]:
 
         def do_CONNECT(self) -> None:  # noqa: N802 - http.server's naming
             host = self.path.rpartition(":")[0] or self.path
-            if self.host is not None or not host or "/" in host or host.startswith(".") \
-                    or not (root / host).is_dir():
+            if (
+                self.host is not None
+                or not host
+                or "/" in host
+                or host.startswith(".")
+                or not (root / host).is_dir()
+            ):
                 return self.send_error(502, f"no stand-in for {host} (the tests' proxy reaches no network)")
             self.send_response(200, "Connection established")
             self.end_headers()
@@ -167,8 +193,13 @@ class WebProxy:
         no_proxy hosts)."""
         direct = [h for h in (env.get("no_proxy") or env.get("NO_PROXY") or "").split(",") if h.strip()]
         no_proxy = ",".join([*DIRECT, *(h for h in direct if h not in DIRECT)])
-        return {"https_proxy": self.url, "HTTPS_PROXY": self.url, "no_proxy": no_proxy, "NO_PROXY": no_proxy,
-                "SSL_CERT_FILE": str(self.ca_file)}
+        return {
+            "https_proxy": self.url,
+            "HTTPS_PROXY": self.url,
+            "no_proxy": no_proxy,
+            "NO_PROXY": no_proxy,
+            "SSL_CERT_FILE": str(self.ca_file),
+        }
 
 
 @contextlib.contextmanager
