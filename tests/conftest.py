@@ -12,7 +12,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def profile():
-    """The profile under test, as defined (no test budgets): `offline`, or `$LLAVA_NB_PROFILE`."""
+    """The profile under test, as defined (full budget; tests pick their own numbers): `offline`, or
+    `$LLAVA_NB_PROFILE`."""
     from llava_nb import config
 
     return config.get_profile(os.environ.get(config.PROFILE_ENV) or "offline")

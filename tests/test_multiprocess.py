@@ -22,6 +22,7 @@ from llava_nb import checkpoints, config, train, trainer
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 4  # samples per optimizer step: 2 processes x 2, or 1 process x 4
 # Single-turn samples (~96 tokens); fp32 on CPU, as bf16 autocast would add noise of its own to the comparison
+# Not the smoke budget: that caps the batch at 2 per device, and 1 process x 4 is the comparison here.
 TINY = dict(
     data=dict(max_length=128),
     stage1=dict(

@@ -21,32 +21,19 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # Short samples, batch 1 x accumulation 2 (a step reads 2 samples), a save every step.
+# The smoke budget (config.BUDGETS: 3 and 2 steps, a save every step or two) with shorter samples, batch 1 x
+# accumulation 2 in stage 1 (a step reads 2 samples) and a save every step in stage 2.
 TINY = dict(
     data=dict(max_length=160),
-    stage1=dict(
-        max_steps=3,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=2,
-        save_steps=1,
-        eval_samples=0,
-        logging_steps=1,
-    ),
-    stage2=dict(
-        max_steps=2,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=1,
-        save_steps=1,
-        eval_samples=2,
-        eval_steps=2,
-        logging_steps=1,
-    ),
+    stage1=dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, eval_samples=0),
+    stage2=dict(per_device_train_batch_size=1, gradient_accumulation_steps=1, save_steps=1, eval_samples=2),
 )
 
 
 @pytest.fixture(scope="module")
 def tiny(profile):
-    """The profile under test with the TINY budget."""
-    return config.get_profile(profile.name, **TINY)
+    """The profile under test on the smoke budget, with TINY's changes."""
+    return config.get_profile(profile.name, "smoke", **TINY)
 
 
 @pytest.fixture(scope="module")
