@@ -107,7 +107,7 @@ def killed_mid_save(self, output_dir):  # weights and optimizer of step 2 writte
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, output_dir)
 trainer.LlavaTrainer._save_rng_state = killed_mid_save
-profile = config.get_profile({tiny.name!r}, **json.loads({json.dumps(TINY)!r}))
+profile = config.get_profile({tiny.name!r}, {tiny.budget!r}, **json.loads({json.dumps(TINY)!r}))
 train.train(profile, 1, export_dir={str(out)!r}, export_model=False)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
