@@ -253,28 +253,19 @@ def measured_beside_plan(path: str | Path | None = None) -> list[dict[str, Any]]
             precision=stage["precision_key"],
             supervised=result["supervised_positions"] / positions,
         )
-        for item in MEASURED_ITEMS:
-            measured = stage["measured"][item]
-            rows.append(
-                {
-                    "stage": n,
-                    "item": item,
-                    "plan (T4)": t4[item],
-                    "plan (as measured)": here[item],
-                    "measured": measured,
-                    "measured / plan": round(measured / here[item], 2) if here[item] else None,
-                }
-            )
+        measured = {item: stage["measured"][item] for item in MEASURED_ITEMS}
         for item, key in (("parameters (M)", "total"), ("trainable parameters (M)", "trainable")):
-            measured = round(stage["parameters"][key] / 1e6, 2)
+            measured[item] = round(stage["parameters"][key] / 1e6, 2)
+        for item, value in measured.items():
+            ratio = round(value / here[item], 2) if here[item] else None
             rows.append(
                 {
                     "stage": n,
                     "item": item,
                     "plan (T4)": t4[item],
                     "plan (as measured)": here[item],
-                    "measured": measured,
-                    "measured / plan": round(measured / here[item], 2),
+                    "measured": value,
+                    "measured / plan": ratio,
                 }
             )
     return rows

@@ -64,21 +64,8 @@ def test_the_card_holds_the_scores_evaluate_printed(export, profile, capsys):
     through_hub = os.environ.get(config.PROFILE_ENV) == "t4"
     mtime = export.stat().st_mtime_ns
     source = [] if through_hub else ["--dataset", str(twins.write_twins() / "datasets" / twins.POPE_REPO)]
-    printed = evaluate.main(
-        [
-            "--checkpoint",
-            str(export),
-            "--profile",
-            profile.name,
-            "--benchmark",
-            "pope",
-            "--limit",
-            "6",
-            "--max-new-tokens",
-            "2",
-            *source,
-        ]
-    )
+    pope_args = ["--benchmark", "pope", "--limit", "6", "--max-new-tokens", "2", *source]
+    printed = evaluate.main(["--checkpoint", str(export), "--profile", profile.name, *pope_args])
     assert json.loads(capsys.readouterr().out.rstrip("\n").splitlines()[-1]) == printed
     tested = evaluate.main(
         ["--checkpoint", str(export), "--profile", profile.name, "--limit", "2", "--max-new-tokens", "2"]

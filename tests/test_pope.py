@@ -195,21 +195,8 @@ def test_the_command_runs_pope_through_the_hub_or_a_folder(built, profile, pope_
     monkeypatch.setattr(evaluate, "load_model", lambda checkpoint, profile, device=None: built)
     through_hub = os.environ.get(config.PROFILE_ENV) == "t4"
     source = [] if through_hub else ["--dataset", pope_twin]
-    metrics = evaluate.main(
-        [
-            "--checkpoint",
-            "untrained",
-            "--profile",
-            profile.name,
-            "--benchmark",
-            "pope",
-            "--limit",
-            "6",
-            "--max-new-tokens",
-            "2",
-            *source,
-        ]
-    )
+    pope_args = ["--benchmark", "pope", "--limit", "6", "--max-new-tokens", "2", *source]
+    metrics = evaluate.main(["--checkpoint", "untrained", "--profile", profile.name, *pope_args])
     out = capsys.readouterr().out.rstrip("\n").splitlines()
     assert json.loads(out[-1]) == metrics and metrics["benchmark"] == "pope"
     assert metrics["dataset"] == (pope.REPO if through_hub else pope_twin)

@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_clip_pretrain import TINY as TINY_CLIP  # a tower that pretrains in milliseconds
 
 from llava_nb import config, fsutil, sources
 from llava_nb.fsutil import MANIFEST, atomic_dir, is_complete
@@ -33,23 +34,7 @@ def test_damaged_vision_folder_is_rebuilt_and_the_rest_kept(tmp_path, monkeypatc
     (tmp_path / lm.name).symlink_to(lm)  # complete: must be reused, not rewritten
     lm_before = _mtimes(offline_backbones.lm_dir)
     # A tiny tower pretrained for 2 steps keeps the real writer fast; the folder name records its settings.
-    profile = config.get_profile(
-        "offline",
-        model=dict(
-            offline_clip=dict(
-                vision_width=32,
-                vision_layers=1,
-                vision_heads=2,
-                text_width=16,
-                text_layers=1,
-                text_heads=2,
-                projection_dim=16,
-                steps=2,
-                batch_size=4,
-                warmup_steps=1,
-            )
-        ),
-    )
+    profile = config.get_profile("offline", model=dict(offline_clip=dict(TINY_CLIP, steps=2)))
     vision = sources.prepare_backbones(profile).vision_dir
     assert vision.parent == tmp_path and is_complete(vision)
 
