@@ -27,7 +27,7 @@ only llava_nb, and nothing imports a notebook. tests/test_architecture.py checks
              processing   special tokens, the chat template, the processor
              fsutil       atomic folders with a manifest, the checkpoint-file reader, HubUnreachable
              plots        loss curves and answer grids
-             colab        the notebooks' first cell and the README's badges, from pyproject.toml's repository
+             colab        `python -m llava_nb.colab`: the Colab cell and badges, from pyproject.toml
 
 Six floors (0-5). Training writes the run folder's layout and inference reads it, both from `runs`, so
 `infer` imports nothing of training. Only what a notebook or command runs lives here: the hub twins, the

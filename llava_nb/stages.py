@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -46,7 +47,9 @@ def add_lora(model: LlavaForConditionalGeneration, t: cfg.TrainConfig, *, seed: 
         bias="none",
     )
     torch.manual_seed(seed)  # LoRA's A matrices start random (B starts at zero)
-    peft_model = get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing a user can change
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        peft_model = get_peft_model(model, lora)
     model.model.multi_modal_projector.requires_grad_(True)  # peft froze everything but the adapter
     return peft_model
 

@@ -243,6 +243,7 @@ def test_training_arguments_follow_the_tutorial():
 
 
 @pytest.mark.parametrize("lora_r", [0, 8])
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's call
 def test_activation_formula_matches_what_autograd_saves(backbones, lora_r):
     """Per decoder layer and token, the formula equals the bytes torch keeps for backward (fp32, CPU)."""
     from peft import LoraConfig, get_peft_model
