@@ -121,7 +121,7 @@ class Profile:
     eval: EvalConfig = field(default_factory=EvalConfig)
     stage1: TrainConfig = field(default_factory=TrainConfig)
     stage2: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = "outputs"  # relative to the repository (runs.outputs_root), unless absolute
+    outputs_root: str = "outputs"  # run folders go under it: relative to the repository, unless absolute
     seed: int = 0
     budget: str = "full"  # which of BUDGETS capped it
 

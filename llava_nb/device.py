@@ -51,9 +51,8 @@ def set_config_dtype(config, dtype: torch.dtype):
 
 def attention_implementation(requested: str = "auto") -> str:
     """The attention kernel training uses: 'auto' is sdpa on a GPU (fused, memory-efficient) and eager on a
-    CPU, where for these short sequences (about 150 tokens) torch's CPU flash-attention backward took a
-    quarter of the step and eager's plain matrix products trained 1.3x faster (`benchmarks/bench.py`,
-    row `eager`). 'sdpa' or 'eager' force one."""
+    CPU, where for short sequences eager's plain matrix products train faster than torch's CPU
+    flash-attention backward (docs/performance.md, row `eager`). 'sdpa' or 'eager' force one."""
     if requested not in ("auto", "sdpa", "eager"):
         raise ValueError(f"attention must be 'auto', 'sdpa' or 'eager', got {requested!r}")
     if requested != "auto":

@@ -61,7 +61,7 @@ def outputs_root(profile: cfg.Profile) -> Path:
         return Path(os.environ[OUTPUTS_ENV]).expanduser()
     if drive_home() is not None:
         return drive_home()
-    folder = Path(profile.output_dir).expanduser()
+    folder = Path(profile.outputs_root).expanduser()
     return folder if folder.is_absolute() else (repo_root() or Path.cwd()) / folder
 
 

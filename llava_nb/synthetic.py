@@ -8,11 +8,10 @@ right) of the largest object, and how many objects there are; a quarter of the c
 caption naming every object. An object's centre keeps `MARGIN` px from the vertical midline, so its side
 is never a toss-up. Train and test scenes come from disjoint seeds.
 
-Questions about the whole scene with yes/no answers ("Is there a red shape?") stopped at 75 % held-out
-accuracy after the default stage 1 (colour 63 %, shape 66 %), and questions naming one object by another
-attribute ("What colour is the circle?") at 66 %: with the language model frozen, the projector learns
-within minutes to put a word into the image tokens for the model to copy, much less to make the model
-compare its question with them. Asking about the largest object keeps one word to copy per question.
+Asking about the largest object keeps one word to copy per question: with the language model frozen, the
+projector learns to put a word into the image tokens for the model to copy, much less to make the model
+compare its question with them. The question designs tried before, and how far each got:
+docs/offline-profile.md.
 """
 
 from __future__ import annotations
