@@ -142,7 +142,7 @@ class RecordingCollator:
 
 def train_one(job: Job) -> dict[str, Any]:
     """Train `job.config` in this process; its throughput and memory (and accuracy, with accuracy_limit)."""
-    from llava_nb import sources, stages, streams, trainer
+    from llava_nb import sources, stages, streams, surgery, trainer
 
     v = VARIANTS[job.config]
     profile = bench_profile(job.profile, batch_size=job.batch_size, max_steps=job.warmup + job.steps)
@@ -204,7 +204,7 @@ def train_one(job: Job) -> dict[str, Any]:
         "labels": v.labels,
         "fast_loss": v.fast_loss,
         "grouped": v.group,
-        "attention": stages.base_model(model).config._attn_implementation,
+        "attention": surgery.base_model(model).config._attn_implementation,
         "shared_prefix": v.shared_prefix,
         "bf16_frozen": stages.narrows_frozen_weights(t),
         "precision": precision,
@@ -226,7 +226,7 @@ def train_one(job: Job) -> dict[str, Any]:
     if job.accuracy_limit:
         from llava_nb import evaluate
 
-        llava = stages.base_model(stages.as_sources_hold_it(runner.model, profile, 1, seed=job.seed))
+        llava = surgery.base_model(stages.as_sources_hold_it(runner.model, profile, 1, seed=job.seed))
         llava.config.use_cache = llava.config.text_config.use_cache = True
         llava.requires_grad_(False)
         ev = evaluate.evaluate(llava, processor, profile, limit=job.accuracy_limit)

@@ -106,7 +106,7 @@ def build_model(config: LlavaConfig, *, seed: int = 0) -> LlavaForConditionalGen
 
 def place(model: nn.Module, t: cfg.TrainConfig) -> str:
     """Place for training as stages.stage_model does; returns the key of memory.PRECISIONS that says how."""
-    stages.base_model(model).config.text_config.use_cache = False
+    surgery.base_model(model).config.text_config.use_cache = False
     stages.place_for_training(model, narrow=stages.narrows_frozen_weights(t))
     if torch.cuda.is_available():
         return "t4"
@@ -179,7 +179,7 @@ class SavedTensors:
     projector, final norm, checkpointed layer inputs where transformers saves them outside the layer)."""
 
     def __init__(self, model: nn.Module):
-        llava = stages.base_model(model)
+        llava = surgery.base_model(model)
         self.exclude = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
         self.trainable = {tuple(p.shape) for p in model.parameters() if p.requires_grad}
         self.bytes: dict[str, int] = defaultdict(int)
@@ -291,7 +291,7 @@ def run_stage(
     dtypes = sorted(
         {
             f"{n.split('.')[1] if n.startswith('model.') else n.split('.')[0]} {str(p.dtype)[6:]}"
-            for n, p in stages.base_model(model).named_parameters()
+            for n, p in surgery.base_model(model).named_parameters()
             if not p.requires_grad
         }
     )
@@ -300,11 +300,11 @@ def run_stage(
     model.train()
     tr = make_trainer(model, t, folder)
     optimizer = tr.create_optimizer()
-    bf16 = stages.cpu_bf16_autocast(t)
+    bf16 = device.cpu_bf16_autocast(t)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
-    llava = stages.base_model(model)
+    llava = surgery.base_model(model)
     seen, handle = capture_first_call(llava.model.language_model.layers[0])
 
     def step(measure: bool) -> dict[str, Any]:

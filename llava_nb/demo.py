@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import config as cfg
-from . import infer
+from . import infer, runs
 
 HOST = "127.0.0.1"  # localhost only: the demo has no login, so it is not put on the network
 MAX_NEW_TOKENS_LIMIT = 512
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None, *, block: bool = True) -> gr.Blocks:
     """
     args = parse_args(argv)
     profile_name = args.profile or cfg.pick_profile_name("t4")
-    problem = infer.checkpoint_problem(args.checkpoint, profile_name)
+    problem = runs.checkpoint_problem(args.checkpoint, profile_name)
     if problem:  # checked before Gradio starts: a page that can only show this error helps nobody
         print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2)

@@ -35,6 +35,7 @@ import torch
 from . import cards, infer, pope
 from . import config as cfg
 from .device import default_device, default_dtype
+from .fsutil import HubUnreachable
 from .scoring import (
     BATCH_SIZE,
     MAX_ANSWER_WORDS,
@@ -46,7 +47,7 @@ from .scoring import (
     metrics_by_kind,
     question_turns,
 )
-from .sources import HubUnreachable, prepare_backbones, prepare_dataset
+from .sources import prepare_backbones, prepare_dataset
 from .streams import held_out
 from .synthetic import QUESTION_KINDS
 

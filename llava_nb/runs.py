@@ -17,8 +17,8 @@ checkpoint_dir holds the trainer's checkpoint-N folders:
     short/                                        notebooks 06/07's stopgap (`train.find_or_train`)
 
 On Colab, `use_drive` also keeps the hub's download cache on Drive, so a notebook's fresh runtime finds
-the backbones the previous notebook fetched. This module imports nothing heavy: the notebooks' first
-cell calls it before transformers is imported.
+the backbones the previous notebook fetched (huggingface_hub reads the cache's place at each download, so
+this works after transformers is imported too).
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ import torch
 
 from . import clip_pretrain, synthetic
 from . import config as cfg
-from .clip_pretrain import CLIP_MEAN, CLIP_STD  # noqa: F401  (re-exported)
-from .fsutil import HubUnreachable, atomic_dir, hub_unreachable, is_complete  # noqa: F401  (re-exported)
+from .fsutil import atomic_dir, hub_unreachable, is_complete
 from .surgery import Backbones  # what prepare_backbones returns: the folders surgery joins
 
 log = logging.getLogger(__name__)

@@ -38,6 +38,7 @@ from . import config as cfg
 from . import data, sources, surgery
 from .checkpoints import checkpoint_step, export, read_position, resume_point
 from .device import peak_rss_mb
+from .fsutil import HubUnreachable
 from .runs import SHORT, default_checkpoint_dir, default_init_from, find_export, run_dir, stage_dir
 from .stages import as_sources_hold_it, stage_model
 from .streams import TrainStream, held_out
@@ -301,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
             seed=args.seed,
             dataset=args.dataset,
         )
-    except sources.HubUnreachable as e:  # a message, not a stack of huggingface_hub frames
+    except HubUnreachable as e:  # a message, not a stack of huggingface_hub frames
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:
