@@ -76,6 +76,11 @@ def folder_listing(folder: str | os.PathLike) -> list[tuple[str, int]]:
     return [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
+def percent(x: float | None) -> str:
+    """0.9849 -> '98.5%'; None -> 'n/a' (a score that could not be computed)."""
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def human_size(n: float) -> str:
     """1234567 -> '1.2 MB' (decimal units, as the hub shows file sizes)."""
     if n < 1000:

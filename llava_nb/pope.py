@@ -31,7 +31,7 @@ import datasets
 from PIL import Image
 
 from .data import SkipSample, note_skip, to_rgb
-from .fsutil import HubUnreachable
+from .fsutil import HubUnreachable, percent
 from .streams import load_split
 
 REPO = "lmms-lab/POPE"
@@ -140,8 +140,8 @@ def format_table(m: dict[str, Any]) -> str:
     for name, row in [*m["per_category"].items(), ("all", m)]:
         if row["n"]:
             lines.append(
-                f"{name:<12}{row['n']:>5}{_pct(row['accuracy']):>10}{_pct(row['precision']):>11}"
-                f"{_pct(row['recall']):>8}{_pct(row['f1']):>8}{_pct(row['yes_ratio']):>7}"
+                f"{name:<12}{row['n']:>5}{percent(row['accuracy']):>10}{percent(row['precision']):>11}"
+                f"{percent(row['recall']):>8}{percent(row['f1']):>8}{percent(row['yes_ratio']):>7}"
                 f"{row['other']:>7}"
             )
     return "\n".join(lines)
@@ -168,10 +168,6 @@ def report(m: dict[str, Any], answers: Sequence[dict], examples: int = 6) -> str
         for a in answers[:examples]
     ]
     return "\n".join(lines)
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 # ---------------------------------------------------------------------------------------- questions

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import infer, pope
 from .data import IGNORE_INDEX, LlavaCollator, count_images
+from .fsutil import percent
 from .synthetic import question_kind
 
 BATCH_SIZE = 8  # conversations per generate or loss batch
@@ -195,8 +196,8 @@ def format_table(result: Evaluation, examples: int = 6) -> str:
     header = f"checkpoint {m['checkpoint'] or '?'} · profile {m['profile']} · {m['n']} test samples"
     lines = [f"{header} · {m['seconds']} s", "", f"{'kind':<10}{'n':>5}{'accuracy':>10}"]
     for kind, row in m["per_kind"].items():
-        lines.append(f"{kind:<10}{row['n']:>5}{_pct(row['accuracy']):>10}")
-    lines.append(f"{'all':<10}{m['n_questions']:>5}{_pct(m['accuracy']):>10}")
+        lines.append(f"{kind:<10}{row['n']:>5}{percent(row['accuracy']):>10}")
+    lines.append(f"{'all':<10}{m['n_questions']:>5}{percent(m['accuracy']):>10}")
     lines += ["", f"eval loss {m['eval_loss']:.4f} over {m['eval_tokens']} supervised tokens"]
     if m.get("note"):
         lines.append(f"note: {m['note']}")
@@ -206,10 +207,6 @@ def format_table(result: Evaluation, examples: int = 6) -> str:
             mark = "" if a["correct"] is None else (" ✓" if a["correct"] else " ✗")
             lines.append(f"  {a['question']} -> {a['predicted']!r} | {a['expected']!r}{mark}")
     return "\n".join(lines)
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def comparison(results: dict[str, Evaluation]) -> dict[str, dict[str, Any]]:

@@ -209,7 +209,7 @@ def test_the_command_runs_pope_through_the_hub_or_a_folder(built, profile, pope_
 def test_without_the_hub_pope_names_the_dataset_and_the_way_out(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from llava_nb.sources import HubUnreachable
+    from llava_nb.fsutil import HubUnreachable
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 with an empty cache
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
